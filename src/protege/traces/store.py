@@ -1,0 +1,222 @@
+"""The store: SQLAlchemy Core over SQLite (WAL, default) or PostgreSQL (by URL).
+
+Migrations (Alembic, in `traces/migrations/`) are applied automatically the first time a
+store is opened, so a user's store survives upgrades of protege.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..config import normalize_db_url, redact_url
+from ..errors import NotFoundError, StoreError
+from . import schema
+from .record import TraceRecord
+
+HEAD_REVISION = "0001"
+_migrate_lock = threading.Lock()
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _sqlite_pragmas(dbapi_conn, _record):
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+class Store:
+    """A handle on one trace store. Cheap to keep, safe to share between threads."""
+
+    def __init__(self, url: str, *, migrate: bool = True):
+        self.url = normalize_db_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+        if self.is_sqlite:
+            path = self.url.split("///", 1)[-1].split("?", 1)[0]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5,
+                          connect_args={"connect_timeout": 5})
+        self.engine: Engine = sa.create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        if migrate:
+            self.migrate()
+
+    def __repr__(self) -> str:
+        return f"Store({redact_url(self.url)!r})"
+
+    # -- schema -----------------------------------------------------------------------
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (a no-op when it is there already)."""
+        try:
+            if self.current_revision() == HEAD_REVISION:
+                return
+            from alembic import command
+            from alembic.config import Config
+
+            with _migrate_lock, self.engine.begin() as conn:
+                cfg = Config()
+                cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"cannot open the trace store at {redact_url(self.url)}: {_short(exc)}") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- writes -----------------------------------------------------------------------
+
+    def _insert_ignoring_conflicts(self, table: sa.Table):
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        return insert(table).on_conflict_do_nothing()
+
+    def insert_traces(self, records: Iterable[TraceRecord | dict], conn: Connection | None = None) -> None:
+        """Insert traces; a row whose id or content hash is already stored is skipped,
+        which makes replays (spool, re-import) idempotent."""
+        rows = [r.to_row() if isinstance(r, TraceRecord) else r for r in records]
+        if not rows:
+            return
+        stmt = self._insert_ignoring_conflicts(schema.traces)
+        if conn is not None:
+            conn.execute(stmt, rows)
+        else:
+            with self.engine.begin() as c:
+                c.execute(stmt, rows)
+
+    def existing_hashes(self, conn: Connection, hashes: list[str]) -> set[str]:
+        found: set[str] = set()
+        col = schema.traces.c.content_hash
+        for i in range(0, len(hashes), 900):
+            chunk = hashes[i:i + 900]
+            found.update(conn.execute(sa.select(col).where(col.in_(chunk))).scalars())
+        return found
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _filtered(self, stmt, task=None, status=None, source=None, model=None, endpoint=None):
+        t = schema.traces.c
+        for column, value in ((t.task, task), (t.status, status), (t.source, source),
+                              (t.model, model), (t.endpoint, endpoint)):
+            if value is not None:
+                stmt = stmt.where(column == value)
+        return stmt
+
+    def count(self, **filters) -> int:
+        stmt = self._filtered(sa.select(sa.func.count()).select_from(schema.traces), **filters)
+        with self.engine.connect() as conn:
+            return conn.execute(stmt).scalar_one()
+
+    def list_traces(self, limit: int = 20, offset: int = 0, newest_first: bool = True, **filters) -> list[dict]:
+        t = schema.traces
+        order = t.c.id.desc() if newest_first else t.c.id.asc()
+        stmt = self._filtered(sa.select(t), **filters).order_by(order).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def iter_traces(self, batch: int = 1000, **filters) -> Iterator[dict]:
+        """All matching traces, oldest first, read in pages so memory stays flat."""
+        t = schema.traces
+        last = ""
+        while True:
+            stmt = self._filtered(sa.select(t), **filters).where(t.c.id > last).order_by(t.c.id).limit(batch)
+            with self.engine.connect() as conn:
+                rows = [dict(r._mapping) for r in conn.execute(stmt)]
+            yield from rows
+            if len(rows) < batch:
+                return
+            last = rows[-1]["id"]
+
+    def get_trace(self, trace_id: str) -> dict:
+        """One trace by id or by a unique prefix of at least 4 characters."""
+        t = schema.traces
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t).where(t.c.id == trace_id)).first()
+            if row is None and len(trace_id) >= 4:
+                rows = conn.execute(sa.select(t).where(t.c.id.like(trace_id.replace("%", "") + "%")).limit(2)).all()
+                if len(rows) > 1:
+                    raise NotFoundError(f"trace id prefix {trace_id!r} is ambiguous; give more characters")
+                row = rows[0] if rows else None
+        if row is None:
+            raise NotFoundError(f"no trace with id {trace_id!r}; `protege traces list` shows ids")
+        return dict(row._mapping)
+
+    def stats(self, task: str | None = None) -> dict:
+        """Counts, tokens, cost and latency, overall and per task/model/source/status."""
+        t = schema.traces.c
+        base = self._filtered(sa.select(t.task, t.model, t.source, t.status, t.prompt_tokens, t.completion_tokens,
+                                        t.cost_usd, t.latency_ms, t.ttft_ms, t.created_at), task=task)
+        groups: dict[str, dict[str, int]] = {"task": {}, "model": {}, "source": {}, "status": {}}
+        n = prompt = completion = 0
+        cost = 0.0
+        cost_known = tokens_known = 0
+        latencies, ttfts = [], []
+        first = last = None
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=5000).execute(base):
+                n += 1
+                for key in groups:
+                    value = getattr(row, key) or "(none)"
+                    groups[key][value] = groups[key].get(value, 0) + 1
+                if row.prompt_tokens is not None and row.completion_tokens is not None:
+                    tokens_known += 1
+                    prompt += row.prompt_tokens
+                    completion += row.completion_tokens
+                if row.cost_usd is not None:
+                    cost_known += 1
+                    cost += row.cost_usd
+                if row.latency_ms is not None:
+                    latencies.append(row.latency_ms)
+                if row.ttft_ms is not None:
+                    ttfts.append(row.ttft_ms)
+                first = row.created_at if first is None or row.created_at < first else first
+                last = row.created_at if last is None or row.created_at > last else last
+        return {
+            "traces": n,
+            "first": first.isoformat() if first else None,
+            "last": last.isoformat() if last else None,
+            "by": {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in groups.items()},
+            "tokens": {"with_usage": tokens_known, "prompt": prompt, "completion": completion},
+            "cost_usd": {"with_cost": cost_known, "total": cost if cost_known else None},
+            "latency_ms": _quantiles(latencies),
+            "ttft_ms": _quantiles(ttfts),
+        }
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {"measured": 0, "p50": None, "p95": None, "p99": None}
+    if len(values) == 1:
+        return {"measured": 1, "p50": values[0], "p95": values[0], "p99": values[0]}
+    qs = statistics.quantiles(values, n=100, method="inclusive")
+    return {"measured": len(values), "p50": qs[49], "p95": qs[94], "p99": qs[98]}
+
+
+def _short(exc: Exception) -> str:
+    text = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
