@@ -39,13 +39,16 @@ def default_reply(request: dict) -> str:
 
 
 class ScriptedUpstream:
-    def __init__(self, delay_ms: float = 0.0, reply: Callable[[dict], str] = default_reply,
+    def __init__(self, delay_ms: float = 0.0, chunk_delay_ms: float = 0.0, reply: Callable[[dict], str] = default_reply,
                  model: str = "gpt-4o-mini-2024-07-18", record_requests: bool = True):
         self.delay_s = delay_ms / 1000
+        self.chunk_delay_s = chunk_delay_ms / 1000
         self.reply = reply
         self.model = model
         self.script: deque = deque()
         self.requests: list[dict[str, Any]] = []
+        self.bodies: list[bytes] = []
+        """Response bodies sent, in order (streams: the SSE bytes without chunk framing)."""
         self.record_requests = record_requests
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -132,6 +135,8 @@ class ScriptedUpstream:
                 writer.close()
 
     def _send(self, writer, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+        if self.record_requests:
+            self.bodies.append(body)
         writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n"
                      % (status, REASONS.get(status, "Status").encode(), content_type, len(body)) + body)
 
@@ -210,14 +215,24 @@ class ScriptedUpstream:
                                             "finish_reason": "stop"}]})
         if (request.get("stream_options") or {}).get("include_usage"):
             events.append({**base, "choices": [], "usage": usage})
+        sent = []
+        if self.record_requests:
+            self.bodies.append(b"")
         for n, event in enumerate(events):
             if cut is not None and n >= cut:
                 writer.transport.abort()
                 return
             payload = b"data: " + orjson.dumps(event) + b"\n\n"
+            sent.append(payload)
+            if self.record_requests:
+                self.bodies[-1] = b"".join(sent)
             writer.write(b"%x\r\n%s\r\n" % (len(payload), payload))
             await writer.drain()
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
         done = b"data: [DONE]\n\n"
+        if self.record_requests:
+            self.bodies[-1] = b"".join(sent) + done
         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
         await writer.drain()
 

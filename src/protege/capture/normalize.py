@@ -56,19 +56,8 @@ def usage(response: Any) -> tuple[int | None, int | None, int | None]:
 
 
 def assemble_sse(body: bytes, endpoint: str) -> tuple[dict | None, str | None]:
-    """Rebuild the completion object from a streamed (SSE) body.
-
-    Returns (assembled response, problem): the response has the concatenated content of
-    each choice, the finish reasons, and `usage` when the stream carried it
-    (`stream_options.include_usage`). `problem` describes a stream that ended without
-    `data: [DONE]` or carried an error event.
-    """
-    texts: dict[int, list[str]] = {}
-    finish: dict[int, Any] = {}
-    roles: dict[int, str] = {}
-    tool_calls: dict[int, list] = {}
-    meta: dict[str, Any] = {}
-    usage_obj = None
+    """Rebuild the completion object from a streamed (SSE) body; see `assemble_events`."""
+    events: list[Any] = []
     done = False
     problem = None
     for raw_line in body.split(b"\n"):
@@ -80,17 +69,38 @@ def assemble_sse(body: bytes, endpoint: str) -> tuple[dict | None, str | None]:
             done = True
             continue
         try:
-            event = orjson.loads(data)
+            events.append(orjson.loads(data))
         except orjson.JSONDecodeError:
             problem = "stream carried a line that is not JSON"
-            continue
+    response, event_problem = assemble_events(events, endpoint)
+    problem = problem or event_problem
+    if not done and problem is None:
+        problem = "stream ended before data: [DONE]"
+    return response, problem
+
+
+def assemble_events(events: list[Any], endpoint: str) -> tuple[dict | None, str | None]:
+    """Rebuild the completion object from stream chunks (parsed JSON objects).
+
+    Returns (assembled response, problem): the response has the concatenated content of
+    each choice, the finish reasons, and `usage` when the stream carried it
+    (`stream_options.include_usage`). `problem` describes an error event in the stream.
+    """
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, Any] = {}
+    roles: dict[int, str] = {}
+    tool_calls: dict[int, list] = {}
+    meta: dict[str, Any] = {}
+    usage_obj = None
+    problem = None
+    for event in events:
         if not isinstance(event, dict):
             continue
         if "error" in event:
             problem = f"stream error event: {orjson.dumps(event['error']).decode()[:500]}"
             continue
         for key in ("id", "model", "created", "system_fingerprint"):
-            if key in event and key not in meta:
+            if event.get(key) is not None and key not in meta:
                 meta[key] = event[key]
         if event.get("usage"):
             usage_obj = event["usage"]
@@ -109,8 +119,6 @@ def assemble_sse(body: bytes, endpoint: str) -> tuple[dict | None, str | None]:
                 texts.setdefault(idx, []).append(piece)
             if choice.get("finish_reason") is not None:
                 finish[idx] = choice["finish_reason"]
-    if not done and problem is None:
-        problem = "stream ended before data: [DONE]"
     indices = sorted(set(texts) | set(finish) | set(roles))
     if not indices and not meta:
         return None, problem
