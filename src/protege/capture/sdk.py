@@ -137,6 +137,9 @@ class _RecordingStream:
             for chunk in self._stream:
                 self._recorder.chunk(chunk)
                 yield chunk
+        except GeneratorExit:  # the caller stopped iterating early
+            self._recorder.finish(stream=True, problem="stream closed by the caller before its end")
+            raise
         except BaseException as exc:
             self._recorder.finish(error=exc, stream=True)
             raise
@@ -173,6 +176,9 @@ class _AsyncRecordingStream:
             async for chunk in self._stream:
                 self._recorder.chunk(chunk)
                 yield chunk
+        except GeneratorExit:  # the caller stopped iterating early
+            self._recorder.finish(stream=True, problem="stream closed by the caller before its end")
+            raise
         except BaseException as exc:
             self._recorder.finish(error=exc, stream=True)
             raise
@@ -209,7 +215,8 @@ class _Wrapper:
         original = resource.create
         if getattr(original, "__protege_wrapped__", False):
             return
-        if inspect.iscoroutinefunction(original):
+        # openai decorates `create`, hiding its coroutine-ness: look through the wrappers
+        if inspect.iscoroutinefunction(inspect.unwrap(original)) or type(resource).__name__.startswith("Async"):
             @functools.wraps(original)
             async def create(*args, **kwargs):
                 rec = _Recorder(self, endpoint, kwargs)

@@ -1,0 +1,147 @@
+"""The CLI as a user runs it: exact outputs, exact rows, one-line errors with exit 1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protege.cli import main
+from protege.traces.store import Store
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "banking77"
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROWS = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"},
+                                               {"role": "assistant", "content": f"a{i}"}],
+         "usage": {"prompt_tokens": 10, "completion_tokens": 2}, "latency_ms": 100 + i} for i in range(5)]
+
+
+def test_import_stats_list_show_export(capsys, tmp_path, home):
+    f = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    code, out, _ = run(capsys, "traces", "import", str(f), "--task", "demo", "--json")
+    assert code == 0 and json.loads(out) == {"path": str(f), "read": 5, "added": 5, "already_present": 0}
+    code, out, _ = run(capsys, "traces", "import", str(f), "--task", "demo")
+    assert "5 read, 0 added, 5 already in the store" in " ".join(out.split())
+
+    code, out, _ = run(capsys, "traces", "stats", "--json")
+    stats = json.loads(out)
+    assert stats["traces"] == 5 and stats["by"]["task"] == {"demo": 5}
+    assert stats["tokens"] == {"with_usage": 5, "prompt": 50, "completion": 10}
+    assert stats["cost_usd"]["total"] == pytest.approx(5 * (10 * 0.15 + 2 * 0.6) / 1e6)
+    assert stats["latency_ms"]["p50"] == 102 and stats["latency_ms"]["measured"] == 5
+    code, out, _ = run(capsys, "traces", "stats")
+    assert code == 0 and "5 traces" in out and "p50 102.0 ms" in out
+
+    code, out, _ = run(capsys, "traces", "list", "--json", "--limit", "2")
+    listed = json.loads(out)
+    assert [r["output_text"] for r in listed] == ["a4", "a3"]
+    code, out, _ = run(capsys, "traces", "show", listed[0]["id"][:20], "--json")
+    assert json.loads(out)["request"]["messages"] == [{"role": "user", "content": "q4"}]
+    code, out, _ = run(capsys, "traces", "show", listed[0]["id"])
+    assert code == 0 and "q4" in out
+
+    dest = tmp_path / "out" / "ft.jsonl"
+    code, out, _ = run(capsys, "traces", "export", str(dest), "--task", "demo")
+    assert code == 0 and "wrote 5 examples" in out
+    lines = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert lines[0] == {"messages": [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"}]}
+    assert not list(dest.parent.glob(".ft.jsonl.*"))  # no temporary left behind
+
+
+def test_errors_are_one_line_with_exit_1(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\n{oops\n")
+    code, out, err = run(capsys, "traces", "import", str(bad))
+    assert code == 1
+    assert err.strip().startswith("error:") and f"{bad}:2: not valid JSON" in " ".join(err.split())
+    assert "Traceback" not in err
+
+    code, _, err = run(capsys, "traces", "show", "ffffffff-0000")
+    assert code == 1 and "no trace with id" in err
+    code, _, err = run(capsys, "--db", "mysql://x/y", "traces", "stats")
+    assert code == 1 and "is not supported" in err
+    code, _, err = run(capsys, "--prices", str(tmp_path / "none.csv"), "prices")
+    assert code == 1 and "does not exist" in err
+    code, _, err = run(capsys, "proxy", "--upstream", "api.openai.com")
+    assert code == 1 and "--upstream must be an http(s) URL" in err
+    code, _, err = run(capsys, "traces", "import", str(bad), "--format", "xml")
+    assert code == 1 and "unknown import format 'xml'" in err
+
+
+def test_usage_error_exit_code(capsys):
+    code, _, err = run(capsys, "traces", "list", "--limit", "0")
+    assert code == 2 and "--limit" in err
+
+
+def test_prices_shipped_and_override(capsys, tmp_path):
+    code, out, _ = run(capsys, "prices", "--json")
+    table = json.loads(out)
+    assert table["path"] == "protege/data/api_prices.csv"
+    assert {"provider": "openai", "model": "gpt-4o-mini", "input_usd_per_1m": 0.15, "cached_input_usd_per_1m": 0.075,
+            "output_usd_per_1m": 0.6, "as_of": "2026-03"}.items() <= next(
+        p for p in table["prices"] if p["model"] == "gpt-4o-mini").items()
+    mine = tmp_path / "mine.csv"
+    mine.write_text("provider,model,input_usd_per_1m,cached_input_usd_per_1m,output_usd_per_1m,as_of,source\n"
+                    "acme,acme-1,1,,2,2026-11,our contract\n")
+    code, out, _ = run(capsys, "--prices", str(mine), "prices", "--json")
+    assert [p["model"] for p in json.loads(out)["prices"]] == ["acme-1"]
+    # the override prices imports too
+    f = write_jsonl(tmp_path / "t.jsonl", [{**ROWS[0], "model": "acme-1"}])
+    run(capsys, "--prices", str(mine), "traces", "import", str(f))
+    code, out, _ = run(capsys, "traces", "stats", "--json")
+    assert json.loads(out)["cost_usd"]["total"] == pytest.approx((10 * 1 + 2 * 2) / 1e6)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("provider,model\nx,y\n", ":1: missing column(s) input_usd_per_1m"),
+    ("provider,model,input_usd_per_1m,cached_input_usd_per_1m,output_usd_per_1m,as_of,source\n"
+     "a,m,cheap,,1,2026,s\n", ":2: column 'input_usd_per_1m': expected a number"),
+    ("provider,model,input_usd_per_1m,cached_input_usd_per_1m,output_usd_per_1m,as_of,source\n"
+     "a,m,1,,1,2026,s\na,m,1,,1,2026,s\n", ":3: model 'm' is listed twice"),
+    ("provider,model,input_usd_per_1m,cached_input_usd_per_1m,output_usd_per_1m,as_of,source\n"
+     "a,m,-1,,1,2026,s\n", ":2: column 'input_usd_per_1m': price cannot be negative"),
+])
+def test_bad_price_table(capsys, tmp_path, content, message):
+    f = tmp_path / "p.csv"
+    f.write_text(content)
+    code, _, err = run(capsys, "--prices", str(f), "prices")
+    assert code == 1 and message in " ".join(err.split())
+
+
+def test_global_db_flag_and_home(capsys, tmp_path):
+    db = tmp_path / "elsewhere.db"
+    f = write_jsonl(tmp_path / "t.jsonl", ROWS[:2])
+    run(capsys, "--db", f"sqlite:///{db}", "traces", "import", str(f))
+    s = Store(f"sqlite:///{db}")
+    assert s.count() == 2
+    s.close()
+    run(capsys, "--home", str(tmp_path / "h2"), "traces", "import", str(f))
+    assert (tmp_path / "h2" / "protege.db").exists()
+
+
+def test_help_does_not_import_heavy_packages():
+    code = ("import sys; from protege.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'sqlalchemy', 'aiohttp', 'openai') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
