@@ -157,7 +157,7 @@ def traces_stats(
     console.print(f"  tokens: {tok['prompt']:,} prompt, {tok['completion']:,} completion "
                   f"(usage known for {tok['with_usage']:,} traces)")
     cost = s["cost_usd"]
-    console.print(f"  cost: {_fmt(cost['total'], digits=4)} USD (priced for {cost['with_cost']:,} traces)")
+    console.print(f"  cost: {_fmt(cost['total'], digits=6)} USD (priced for {cost['with_cost']:,} traces)")
     for name in ("latency_ms", "ttft_ms"):
         q = s[name]
         label = "latency" if name == "latency_ms" else "time to first token"

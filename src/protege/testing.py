@@ -40,7 +40,8 @@ def default_reply(request: dict) -> str:
 
 class ScriptedUpstream:
     def __init__(self, delay_ms: float = 0.0, chunk_delay_ms: float = 0.0, reply: Callable[[dict], str] = default_reply,
-                 model: str = "gpt-4o-mini-2024-07-18", record_requests: bool = True):
+                 model: str | None = "gpt-4o-mini-2024-07-18", record_requests: bool = True):
+        """`model`: the model name the answers carry; None echoes the request's model."""
         self.delay_s = delay_ms / 1000
         self.chunk_delay_s = chunk_delay_ms / 1000
         self.reply = reply
@@ -165,14 +166,15 @@ class ScriptedUpstream:
             self._send(writer, action[1], orjson.dumps(action[2] if len(action) > 2 else {"error": {"message": "x"}}))
             await writer.drain()
             return True
+        model = self.model or request.get("model") or "scripted"
         if path == "/v1/models":
-            self._send(writer, 200, orjson.dumps({"object": "list", "data": [{"id": self.model, "object": "model"}]}))
+            self._send(writer, 200, orjson.dumps({"object": "list", "data": [{"id": model, "object": "model"}]}))
         elif path == "/v1/embeddings":
             inputs = request.get("input", "")
             inputs = inputs if isinstance(inputs, list) else [inputs]
             data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
             n = sum(len(str(x).split()) for x in inputs)
-            self._send(writer, 200, orjson.dumps({"object": "list", "data": data, "model": self.model,
+            self._send(writer, 200, orjson.dumps({"object": "list", "data": data, "model": model,
                                                   "usage": {"prompt_tokens": n, "total_tokens": n}}))
         elif path in ("/v1/chat/completions", "/v1/completions"):
             chat = path == "/v1/chat/completions"
@@ -183,7 +185,7 @@ class ScriptedUpstream:
                      "total_tokens": prompt_tokens + len(text.split())}
             if request.get("stream"):
                 cut = action[1] if kind == "cut" else None
-                await self._stream(writer, chat, text, usage, request, cut)
+                await self._stream(writer, chat, text, usage, request, cut, model)
                 return cut is None
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
@@ -191,16 +193,16 @@ class ScriptedUpstream:
                 choice = {"index": 0, "text": text, "finish_reason": "stop"}
             self._send(writer, 200, orjson.dumps({
                 "id": f"chatcmpl-{self.count}", "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model, "choices": [choice], "usage": usage}))
+                "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}))
         else:
             self._send(writer, 404, orjson.dumps({"error": {"message": f"no route {path}"}}))
         await writer.drain()
         return True
 
-    async def _stream(self, writer, chat, text, usage, request, cut) -> None:
+    async def _stream(self, writer, chat, text, usage, request, cut, model) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         base = {"id": f"chatcmpl-{self.count}", "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model}
+                "created": int(time.time()), "model": model}
         words = text.split(" ")
         events = []
         if chat:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The end-to-end demo on the shipped BANKING77 traces (run it with `make demo`).
+# Re-runnable: what is already done is reused (re-imports add nothing).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+here=examples/banking77
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "1/4 Import the app's logged traces (10,003 BANKING77 training queries)"
+protege traces import "$here/traces.jsonl.gz" --task banking77
+
+step "2/4 What is in the store"
+protege traces stats --task banking77
+protege traces list --task banking77 --limit 5
+
+step "3/4 Capture live traffic through the logging proxy"
+python "$here/capture_demo.py"
+
+step "4/4 Export the task's traces as OpenAI fine-tuning JSONL"
+protege traces export .protege/exports/banking77.jsonl --task banking77
+
+printf '\nThe store is %s. Next stages (datasets, training, bench, decide) are on the roadmap in README.md.\n' \
+  "${PROTEGE_DATABASE_URL:-.protege/protege.db}"
