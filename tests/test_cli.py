@@ -145,3 +145,38 @@ def test_help_does_not_import_heavy_packages():
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+def test_proxy_command_serves_and_flushes_on_stop(tmp_path, upstream):
+    """`protege proxy` as a user starts it; Ctrl-C stops it and every trace is stored."""
+    import signal
+    import time
+
+    import httpx
+
+    from conftest import free_port
+
+    port = free_port()
+    home = tmp_path / "proxyhome"
+    proc = subprocess.Popen([sys.executable, "-m", "protege.cli", "--home", str(home), "proxy",
+                             "--upstream", upstream.url, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=0.5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        for i in range(10):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"X-Protege-Task": "cli"},
+                           json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"m{i}"}]})
+            assert r.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert f"protege proxy on http://127.0.0.1:{port}/v1" in " ".join(stderr.split())
+    s = Store(f"sqlite:///{home / 'protege.db'}")
+    assert s.count(task="cli") == 10 and s.count(endpoint="models") >= 1
+    s.close()

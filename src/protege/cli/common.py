@@ -1,0 +1,36 @@
+"""Helpers shared by the CLI's verb modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from rich.console import Console
+
+from ..config import Settings
+
+console = Console()
+err = Console(stderr=True)
+
+
+def settings(ctx: typer.Context) -> Settings:
+    return ctx.find_root().obj
+
+
+def open_store(ctx: typer.Context):
+    from ..traces.store import Store
+
+    return Store(settings(ctx).database_url)
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def fmt(value, unit: str = "", digits: int = 1) -> str:
+    if value is None:
+        return "unknown"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}{unit}"
+    return f"{value:,}{unit}"
