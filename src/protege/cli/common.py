@@ -19,9 +19,14 @@ def settings(ctx: typer.Context) -> Settings:
 
 
 def open_store(ctx: typer.Context):
+    """The store for this invocation, opened once and closed when the command ends."""
     from ..traces.store import Store
 
-    return Store(settings(ctx).database_url)
+    root = ctx.find_root()
+    if "store" not in root.meta:
+        root.meta["store"] = Store(settings(ctx).database_url)
+        root.call_on_close(root.meta["store"].close)
+    return root.meta["store"]
 
 
 def print_json(data) -> None:

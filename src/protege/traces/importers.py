@@ -5,7 +5,8 @@ Formats:
   `{"messages": [..., {"role": "assistant", "content": "..."}]}` (OpenAI fine-tuning
   format; the last assistant message is the output) or a logged call
   `{"request": {...}, "response": {...}}`. Optional keys on either: `model`, `task`,
-  `metadata`, `created_at` (ISO-8601 or unix seconds), `latency_ms`, `usage`, `feedback`.
+  `metadata`, `created_at` (ISO-8601 or unix seconds), `latency_ms`, `usage`, `feedback`,
+  `reference` (the correct output, stored as `feedback.correction`).
 - `openai-batch`: an OpenAI Batch API output file joined by `custom_id` with the batch
   input file (`--batch-input`), which holds the requests.
 - `csv`: one call a row: `--input-col` becomes the user message, `--output-col` the reply,
@@ -128,6 +129,10 @@ def _common(path, line, obj: dict, record: TraceRecord, prices: PriceTable | Non
         if not isinstance(obj["feedback"], dict):
             _fail(path, line, "'feedback' must be an object")
         record.feedback = obj["feedback"]
+    if obj.get("reference") is not None:  # a gold output: stored as a human correction
+        if not isinstance(obj["reference"], str):
+            _fail(path, line, "'reference' must be a string (the correct output)")
+        record.feedback = {**(record.feedback or {}), "correction": obj["reference"]}
     if record.prompt_tokens is not None and prices is not None:
         record.cost_usd = prices.cost(record.model, record.prompt_tokens, record.completion_tokens, record.cached_tokens)
     if record.model and prices is not None:
@@ -170,7 +175,7 @@ def _parse_openai_line(path, line, raw: bytes, task, prices) -> TraceRecord | No
         if last.get("role") != "assistant" or len(messages) < 2:
             _fail(path, line, "the last message must be the assistant's reply (the output), after at least one input message")
         request = {k: v for k, v in obj.items() if k not in ("messages", "task", "metadata", "created_at", "latency_ms",
-                                                              "usage", "feedback")}
+                                                              "usage", "feedback", "reference")}
         request["messages"] = messages[:-1]
         text = last.get("content")
         if isinstance(text, list):
@@ -325,7 +330,7 @@ def import_file(store: Store, path: str | Path, opts: ImportOptions, prices: Pri
 
     def flush(conn) -> int:
         present = store.existing_hashes(conn, [r.content_hash for r in pending])
-        fresh = [r.to_row() for r in pending if r.content_hash not in present]
+        fresh = [r for r in pending if r.content_hash not in present]
         store.insert_traces(fresh, conn=conn)
         pending.clear()
         return len(fresh)
@@ -340,3 +345,15 @@ def import_file(store: Store, path: str | Path, opts: ImportOptions, prices: Pri
         if pending:
             added += flush(conn)
     return ImportResult(path=str(path), read=read, added=added, already_present=read - added)
+
+
+def read_records(path: str | Path, opts: ImportOptions | None = None) -> Iterator[TraceRecord]:
+    """Parse a file into TraceRecords without storing them (e.g. a labelled test file)."""
+    opts = opts or ImportOptions()
+    if opts.format not in _READERS:
+        raise ProtegeError(f"unknown format {opts.format!r}; choose one of: {', '.join(FORMATS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(str(path), None, "no such file")
+    for _content, record in _READERS[opts.format](path, opts, None, None):
+        yield record

@@ -1,0 +1,1 @@
+"""Datasets: frozen, versioned train/validation/test splits built from stored traces."""

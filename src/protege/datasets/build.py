@@ -1,0 +1,376 @@
+"""Build a frozen, versioned dataset for a task from the stored traces.
+
+    protege dataset build examples/banking77/task.yaml --test-from examples/banking77/test.jsonl.gz
+
+Steps, each reported with counts: select the task's traces, drop error traces, extract
+input/output and normalise, drop outputs outside the label set (classification), remove
+exact and near-duplicate inputs, redact PII, split (stratified, temporal or random; or the
+`--test-from` file as test), and check that no test row has a near-duplicate in train or
+validation (any that do are removed from train/validation). The rows are written to
+`HOME/datasets/<hash>/` and named by the hash of their content, so building the same
+dataset twice gives the same hash and no new version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+import sqlalchemy as sa
+
+from ..errors import ProtegeError
+from ..tasks.metrics import normalize_text
+from ..tasks.spec import Task
+from ..traces import schema
+from ..traces.store import Store
+from . import dedupe, pii
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Step:
+    name: str
+    kept: int
+    removed: int = 0
+    note: str = ""
+
+
+@dataclass
+class BuildResult:
+    id: str
+    task: str
+    version: int
+    path: Path
+    sizes: dict[str, int]
+    steps: list[Step]
+    pii: dict[str, int]
+    leakage: dict[str, int]
+    tokens: dict[str, Any] | None
+    created: bool
+    """False when an identical dataset already existed (same hash): nothing was written."""
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "task": self.task, "version": self.version, "path": str(self.path),
+                "sizes": self.sizes, "steps": [s.__dict__ for s in self.steps], "pii": self.pii,
+                "leakage": self.leakage, "tokens": self.tokens, "created": self.created}
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _example(row: dict) -> dict | None:
+    """The dataset row for a trace: its last user message is the input."""
+    request = row.get("request") or {}
+    messages = request.get("messages") if isinstance(request, dict) else None
+    if isinstance(messages, list) and messages:
+        user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if not user:
+            return None
+        text = _text(user[-1].get("content"))
+    elif isinstance(request, dict) and isinstance(request.get("prompt"), str):
+        text, messages = request["prompt"], [{"role": "user", "content": request["prompt"]}]
+    else:
+        return None
+    feedback = row.get("feedback") or {}
+    created = row.get("created_at")
+    if isinstance(created, datetime) and created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    return {
+        "id": row.get("id"),
+        "input": text,
+        "output": row.get("output_text"),
+        "gold": feedback.get("correction") if isinstance(feedback, dict) else None,
+        "messages": messages,
+        "created_at": created.isoformat() if isinstance(created, datetime) else created,
+    }
+
+
+def _match(row: dict, task: Task) -> bool:
+    f = task.traces
+    if f.models and row.get("model") not in f.models:
+        return False
+    if f.sources and row.get("source") not in f.sources:
+        return False
+    created = row.get("created_at")
+    if isinstance(created, datetime):
+        created = created if created.tzinfo else created.replace(tzinfo=timezone.utc)
+        for bound, after in ((f.since, True), (f.until, False)):
+            if bound is None:
+                continue
+            b = bound if isinstance(bound, datetime) else datetime(bound.year, bound.month, bound.day)
+            b = b if b.tzinfo else b.replace(tzinfo=timezone.utc)
+            if (after and created < b) or (not after and created >= b):
+                return False
+    meta = row.get("metadata") or {}
+    return all(meta.get(k) == v for k, v in f.metadata.items())
+
+
+class _LabelMap:
+    def __init__(self, labels: list[str]):
+        self.exact = set(labels)
+        self.folded = {label.casefold(): label for label in labels}
+
+    def __call__(self, text: str) -> str | None:
+        if text in self.exact:
+            return text
+        return self.folded.get(text.casefold())
+
+
+def _split(pool: list[dict], task: Task, has_test: bool) -> dict[str, list[dict]]:
+    cfg = task.split
+    rng = random.Random(cfg.seed)
+    test_frac = 0.0 if has_test else cfg.test_fraction
+    val_frac = cfg.validation_fraction
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+
+    def cut(rows: list[dict]) -> None:
+        n = len(rows)
+        n_test = round(n * test_frac)
+        n_val = round(n * val_frac)
+        out["test"] += rows[n - n_test:] if n_test else []
+        out["validation"] += rows[n - n_test - n_val:n - n_test] if n_val else []
+        out["train"] += rows[:n - n_test - n_val]
+
+    if cfg.method == "temporal":
+        cut(sorted(pool, key=lambda r: (r["created_at"] or "", r["id"] or "")))
+    elif cfg.method == "stratified":
+        by_label: dict[str, list[dict]] = defaultdict(list)
+        for r in pool:
+            by_label[r["reference"]].append(r)
+        for label in sorted(by_label):
+            rows = by_label[label]
+            rng.shuffle(rows)
+            cut(rows)
+    else:
+        rows = list(pool)
+        rng.shuffle(rows)
+        cut(rows)
+    return out
+
+
+def _token_report(task: Task, rows: list[dict], home: Path) -> dict[str, Any] | None:
+    """Tokens per request of the app's original prompt vs the specialist's own prompt."""
+    if task.tokenizer in ("none", "", None) or not rows:
+        return None
+    from transformers import AutoTokenizer
+
+    from ..models.local import resolve
+    from ..models.prompting import specialist_messages
+
+    tok = AutoTokenizer.from_pretrained(resolve(task.tokenizer, home))
+    sample = rows[:500]
+
+    def count(messages) -> int:
+        return sum(len(tok.encode(_text(m.get("content")), add_special_tokens=False)) for m in messages)
+
+    original = sum(count(r["messages"]) for r in sample) / len(sample)
+    specialist = sum(count(specialist_messages(task, r["input"])) for r in sample) / len(sample)
+    return {"tokenizer": task.tokenizer, "rows_measured": len(sample), "original_prompt_tokens": original,
+            "specialist_prompt_tokens": specialist, "saved_per_request": original - specialist,
+            "saved_fraction": (original - specialist) / original if original else None}
+
+
+def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | None = None,
+                  on_step: Callable[[Step], None] | None = None) -> BuildResult:
+    steps: list[Step] = []
+
+    def step(name: str, kept: int, removed: int = 0, note: str = "") -> None:
+        steps.append(Step(name, kept, removed, note))
+        if on_step:
+            on_step(steps[-1])
+
+    if task.references == "test_file" and test_from is None:
+        raise ProtegeError(f"task {task.name} takes its references from a labelled test file: pass --test-from FILE")
+    # 1. select
+    selected, errors = [], 0
+    for row in store.iter_traces(task=task.traces.task or task.name):
+        if not _match(row, task):
+            continue
+        if row["status"] != "ok" and not task.traces.include_errors:
+            errors += 1
+            continue
+        selected.append(row)
+    step("select traces", len(selected) + errors, note=f"task tag {task.traces.task or task.name!r}")
+    if not selected and test_from is None:
+        raise ProtegeError(f"no stored traces match task {task.name!r} (tag {task.traces.task or task.name!r}); "
+                           "`protege traces stats` shows the task tags in the store")
+    step("drop error traces", len(selected), errors)
+
+    # 2. extract and normalise
+    labels = _LabelMap(task.labels) if task.kind == "classification" else None
+    norm = task.normalize
+
+    def prepare(rows: list[dict], name: str, from_file: bool) -> list[dict]:
+        out, no_input, invalid = [], 0, 0
+        for row in rows:
+            ex = _example(row)
+            if ex is None or not ex["input"].strip() or ex["output"] is None:
+                no_input += 1
+                continue
+            ex["output"] = normalize_text(ex["output"], norm)
+            ref = ex["gold"] if task.references in ("feedback", "test_file") and ex["gold"] is not None else ex["output"]
+            if task.references == "test_file" and from_file and ex["gold"] is None:
+                ref = ex["output"]  # the file's reply is its label
+            ex["reference"] = normalize_text(ref, norm)
+            if labels is not None:
+                mapped = labels(ex["reference"])
+                if mapped is None:
+                    invalid += 1
+                    continue
+                ex["reference"] = mapped
+            ex["has_gold"] = ex["gold"] is not None or from_file
+            del ex["gold"]
+            out.append(ex)
+        step(f"extract {name}", len(out), no_input, "no user message or no output" if no_input else "")
+        if labels is not None:
+            step(f"label set ({name})", len(out), invalid, "outputs outside the task's labels" if invalid else "")
+        return out
+
+    pool = prepare(selected, "traces", False)
+    test_rows = None
+    if test_from is not None:
+        from ..traces.importers import read_records
+
+        records = [r.to_row() for r in read_records(test_from)]
+        test_rows = prepare(records, "test file", True)
+        if not test_rows:
+            raise ProtegeError(f"{test_from}: no usable rows for task {task.name}")
+
+    # 3. dedupe (the pool only: a given test file is the benchmark as it is)
+    if task.dedupe.exact:
+        seen: dict[str, str] = {}
+        kept, conflicts = [], 0
+        for ex in pool:
+            key = dedupe.canonical(ex["input"])
+            if key in seen:
+                conflicts += seen[key] != ex["reference"]
+                continue
+            seen[key] = ex["reference"]
+            kept.append(ex)
+        step("exact duplicates", len(kept), len(pool) - len(kept),
+             f"{conflicts} of them with a different output" if conflicts else "")
+        pool = kept
+    if task.dedupe.near_threshold is not None and pool:
+        first = dedupe.near_duplicate_groups([ex["input"] for ex in pool], task.dedupe.near_threshold)
+        kept = [ex for ex, f in zip(pool, first) if f == -1]
+        step("near duplicates", len(kept), len(pool) - len(kept),
+             f"MinHash/LSH, Jaccard >= {task.dedupe.near_threshold} on character 5-grams")
+        pool = kept
+
+    # 4. PII
+    counts: Counter = Counter()
+    kinds = list(task.pii.redact)
+    for ex in pool + (test_rows or []):
+        ex["input"] = pii.redact(ex["input"], kinds, counts)
+        ex["output"] = pii.redact(ex["output"], kinds, counts)
+        if labels is None:
+            ex["reference"] = pii.redact(ex["reference"], kinds, counts)
+        ex["messages"] = [{**m, "content": pii.redact(_text(m.get("content")), kinds, counts)}
+                          if isinstance(m, dict) else m for m in ex["messages"]]
+    pii_counts = {k: counts.get(k, 0) for k in kinds}
+    step("PII redaction", len(pool) + len(test_rows or []),
+         note=", ".join(f"{k} {v}" for k, v in pii_counts.items()) or "off")
+
+    # 5. split
+    if task.references == "feedback" and test_rows is None:
+        gold = [ex for ex in pool if ex["has_gold"]]
+        rest = [ex for ex in pool if not ex["has_gold"]]
+        splits = _split(gold, task, False)
+        splits["train"] += [ex for ex in _split(rest, task, True)["train"]]
+        splits["validation"] += [ex for ex in _split(rest, task, True)["validation"]]
+    else:
+        splits = _split(pool, task, test_rows is not None)
+    if test_rows is not None:
+        splits["test"] = test_rows
+    note = f"{task.split.method}" + (f", test from {test_from}" if test_from else "")
+    step("split", sum(len(v) for v in splits.values()), note=note)
+    if not splits["test"]:
+        raise ProtegeError(f"task {task.name}: the test split is empty; add traces, raise split.test_fraction, "
+                           "or pass --test-from FILE")
+
+    # 6. leakage: no test row may have a near-duplicate in train or validation
+    leakage = {"removed_from_train": 0, "removed_from_validation": 0, "remaining": 0}
+    threshold = task.dedupe.near_threshold or 0.9
+    index = dedupe.NearIndex(threshold)
+    test_keys = {dedupe.canonical(ex["input"]) for ex in splits["test"]}
+    for i, mh in enumerate(dedupe.minhashes([ex["input"] for ex in splits["test"]])):
+        index.add(i, mh)
+    for name in ("train", "validation"):
+        rows = splits[name]
+        hashes = dedupe.minhashes([ex["input"] for ex in rows]) if rows else []
+        keep = [ex for ex, mh in zip(rows, hashes)
+                if dedupe.canonical(ex["input"]) not in test_keys and not index.query(mh)]
+        leakage[f"removed_from_{name}"] = len(rows) - len(keep)
+        splits[name] = keep
+    step("leakage check", sum(len(v) for v in splits.values()),
+         leakage["removed_from_train"] + leakage["removed_from_validation"],
+         "train/validation rows near-duplicating a test row were removed; 0 remain")
+
+    # 7. freeze
+    for name in SPLITS:
+        for ex in splits[name]:
+            ex.pop("has_gold", None)
+    blobs = {name: b"".join(orjson.dumps(ex, option=orjson.OPT_SORT_KEYS) + b"\n" for ex in splits[name])
+             for name in SPLITS}
+    digest = hashlib.sha256()
+    digest.update(orjson.dumps({"task": task.name, "kind": task.kind, "labels": task.labels}, option=orjson.OPT_SORT_KEYS))
+    for name in SPLITS:
+        digest.update(name.encode() + b"\0" + blobs[name] + b"\0")
+    content_hash = digest.hexdigest()
+    sizes = {name: len(splits[name]) for name in SPLITS}
+    tokens = _token_report(task, splits["train"] or splits["test"], home)
+    return _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, leakage, tokens, test_from)
+
+
+def _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, leakage, tokens, test_from) -> BuildResult:
+    t = schema.datasets
+    root = Path(home) / "datasets"
+    path = root / content_hash[:16]
+    with store.engine.begin() as conn:
+        existing = conn.execute(sa.select(t).where(t.c.task == task.name, t.c.content_hash == content_hash)).first()
+        if existing is not None and Path(existing.path).exists():
+            r = existing._mapping
+            return BuildResult(r["id"], task.name, r["version"], Path(r["path"]), r["split_sizes"], steps, pii_counts,
+                               leakage, tokens, created=False)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+        try:
+            for name, blob in blobs.items():
+                (tmp / f"{name}.jsonl").write_bytes(blob)
+            version = (conn.execute(sa.select(sa.func.max(t.c.version)).where(t.c.task == task.name)).scalar() or 0) + 1
+            dataset_id = f"{task.name}@{version}"
+            manifest = {"id": dataset_id, "task": task.name, "kind": task.kind, "version": version,
+                        "content_hash": content_hash, "sizes": sizes, "labels": task.labels,
+                        "task_file": str(task.path) if task.path else None,
+                        "test_from": str(test_from) if test_from else None,
+                        "steps": [s.__dict__ for s in steps], "pii": pii_counts, "leakage": leakage, "tokens": tokens,
+                        "created_at": datetime.now(timezone.utc).isoformat()}
+            (tmp / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if existing is not None:  # the row survived but its files were deleted: rewrite them, keep the version
+            version, dataset_id = existing.version, existing.id
+        else:
+            conn.execute(t.insert().values(
+                id=dataset_id, name=task.name, task=task.name, version=version, content_hash=content_hash,
+                filters=task.traces.model_dump(mode="json"), split_sizes=sizes,
+                report={"steps": [s.__dict__ for s in steps], "pii": pii_counts, "leakage": leakage, "tokens": tokens},
+                path=str(path.resolve()), created_at=datetime.now(timezone.utc)))
+    return BuildResult(dataset_id, task.name, version, path, sizes, steps, pii_counts, leakage, tokens, created=True)
