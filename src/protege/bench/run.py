@@ -1,0 +1,239 @@
+"""Run candidates head to head on a task's frozen test split.
+
+    protege bench examples/banking77/task.yaml --candidate replay --candidate knn:minilm \
+        --candidate hf:smollm2-135m
+
+Every candidate answers exactly the same rows. Per candidate: each metric with a 95%
+bootstrap CI, a paired bootstrap test against the reference candidate (the first unless
+`--reference`), latency p50/p95 at batch size 1 (timed here for local models; per request
+for APIs; recorded for replay), batched throughput, tokens per request, and cost per 1M
+requests (API: the price table; local: hardware $/hour over measured throughput). Each
+candidate's per-example outputs are stored as a bench run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import orjson
+
+from ..datasets.registry import load_split
+from ..errors import ProtegeError
+from ..ids import uuid7
+from ..models.base import Context, Prediction, build_candidate
+from ..tasks.metrics import Metric, get_metric
+from ..tasks.spec import Task
+from ..traces import schema
+from ..traces.store import Store
+from .stats import bootstrap, paired, quantiles
+
+DEFAULT_HARDWARE_USD_PER_HOUR = 0.10
+"""Assumed price of the 2-vCPU cloud machine a CPU model runs on; pass your own with
+--hardware-usd-per-hour. Shown next to every self-hosted cost."""
+
+
+@dataclass
+class CandidateResult:
+    spec: str
+    kind: str
+    run_id: str
+    n: int
+    metrics: dict[str, dict]
+    paired: dict[str, dict]
+    latency_ms: dict[str, Any]
+    throughput_rps: float | None
+    tokens: dict[str, float | None]
+    cost_per_1m_usd: float | None
+    cost_basis: str
+    valid_output_rate: float | None
+    wall_s: float
+    outputs: list[Prediction] = field(repr=False, default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "outputs"}
+        return d
+
+
+@dataclass
+class BenchReport:
+    task: str
+    dataset: str
+    rows: int
+    reference: str
+    reference_note: str
+    hardware_usd_per_hour: float
+    prices_as_of: str | None
+    results: list[CandidateResult]
+
+    def as_dict(self) -> dict:
+        return {**{k: v for k, v in self.__dict__.items() if k != "results"},
+                "candidates": [r.as_dict() for r in self.results]}
+
+
+def _nan_to_none(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def _map_labels(task: Task, outputs: list[str]) -> tuple[list[str], float | None]:
+    if task.kind != "classification":
+        return outputs, None
+    folded = {label.casefold(): label for label in task.labels}
+    mapped = [folded.get(o.casefold(), o) for o in outputs]
+    valid = sum(1 for o in mapped if o in folded.values()) / len(mapped) if mapped else None
+    return mapped, valid
+
+
+def _judge_scores(task: Task, ctx: Context, rows, cand_out, ref_out) -> np.ndarray:
+    """Head-to-head LLM judge, both orders, ties allowed: per row 1 = candidate better,
+    0.5 = tie, 0 = reference better (averaged over the two orders)."""
+    if task.judge is None:
+        raise ProtegeError(f"task {task.name}: metric 'judge' needs a `judge:` section naming the judge candidate")
+    judge = build_candidate(task.judge.candidate + ("&" if "?" in task.judge.candidate else "?") + "prompt=original",
+                            ctx)
+    prompts = []
+    for row, c, r in zip(rows, cand_out, ref_out):
+        for a, b in ((r, c), (c, r)):
+            text = (f"{task.judge.instructions}\n\nRequest:\n{row['input']}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\n"
+                    "Reply with exactly one of: A, B, TIE.")
+            prompts.append({"input": text, "messages": [{"role": "user", "content": text}]})
+    verdicts = [p.output.strip().upper() for p in judge.predict(prompts)]
+    judge.close()
+    scores = []
+    for i in range(len(rows)):
+        first, second = verdicts[2 * i], verdicts[2 * i + 1]
+        s1 = {"B": 1.0, "TIE": 0.5}.get(first, 0.0)  # candidate is B in the first order
+        s2 = {"A": 1.0, "TIE": 0.5}.get(second, 0.0)  # and A in the second
+        scores.append((s1 + s2) / 2)
+    return np.array(scores)
+
+
+def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[str], *,
+              reference: str | None = None, hardware_usd_per_hour: float = DEFAULT_HARDWARE_USD_PER_HOUR,
+              latency_samples: int = 30, limit: int | None = None, prices=None,
+              progress: Callable[[str, int], Callable[[int], None]] | None = None,
+              on_result: Callable[[CandidateResult], None] | None = None) -> BenchReport:
+    if not specs:
+        raise ProtegeError("name at least one --candidate (e.g. replay, knn:minilm, hf:smollm2-135m)")
+    reference = reference or specs[0]
+    if reference not in specs:
+        specs = [reference] + specs
+    rows = load_split(dataset, "test")
+    if limit:
+        rows = rows[:limit]
+    if not rows:
+        raise ProtegeError(f"dataset {dataset['id']} has no test rows")
+    train = load_split(dataset, "train")
+    refs = [r["reference"] for r in rows]
+    metric_names = task.metric_names
+    metrics = {m: get_metric(m) for m in metric_names if m != "judge"}
+    ctx = Context(task=task, dataset=dataset, home=Path(home), train=train, prices=prices)
+    results: list[CandidateResult] = []
+    outputs_by_spec: dict[str, list[str]] = {}
+    for spec in specs:
+        cand = build_candidate(spec, ctx)
+        try:
+            tick = progress(spec, len(rows)) if progress else None
+            t0 = time.perf_counter()
+            preds = cand.predict(rows, progress=tick)
+            wall = time.perf_counter() - t0
+            latencies: list[float]
+            if cand.kind == "local":
+                sample = rows[:latency_samples]
+                cand.predict(sample[:1])  # warm-up, not timed
+                latencies = []
+                for row in sample:
+                    t = time.perf_counter()
+                    cand.predict([row])
+                    latencies.append((time.perf_counter() - t) * 1000)
+                latency_note = f"measured here, batch size 1, {len(latencies)} requests"
+                throughput = len(rows) / wall if wall > 0 else None
+            else:
+                latencies = [p.latency_ms for p in preds if p.latency_ms is not None]
+                latency_note = ("per request as measured when answered" if cand.kind == "api"
+                                else "as recorded in the traces") if latencies else \
+                    "unknown (imported traces carry no latency)"
+                fresh = not any(p.cached for p in preds)
+                throughput = len(rows) / wall if cand.kind == "api" and fresh and wall > 0 else None
+        finally:
+            cand.close()
+        outputs, valid = _map_labels(task, [p.output for p in preds])
+        outputs_by_spec[spec] = outputs
+        scores = {name: bootstrap(m, outputs, refs).as_dict() for name, m in metrics.items()}
+        tokens_in = [p.prompt_tokens for p in preds if p.prompt_tokens is not None]
+        tokens_out = [p.completion_tokens for p in preds if p.completion_tokens is not None]
+        costs = [p.cost_usd for p in preds if p.cost_usd is not None]
+        if cand.kind == "local":
+            cost = hardware_usd_per_hour / (throughput * 3600) * 1e6 if throughput else None
+            basis = f"hardware at {hardware_usd_per_hour:g} USD/hour / measured throughput"
+        elif costs:
+            cost = float(np.mean(costs)) * 1e6
+            basis = "price table x token counts" + ("" if len(costs) == len(preds)
+                                                    else f" ({len(costs)} of {len(preds)} requests priced)")
+        else:
+            cost, basis = None, "unknown (no token counts, or the model is not in the price table)"
+        p50, p95 = quantiles(latencies)
+        result = CandidateResult(
+            spec=spec, kind=cand.kind, run_id=uuid7(), n=len(rows), metrics=scores, paired={},
+            latency_ms={"p50": p50, "p95": p95, "n": len(latencies), "note": latency_note},
+            throughput_rps=throughput,
+            tokens={"in": float(np.mean(tokens_in)) if tokens_in else None,
+                    "out": float(np.mean(tokens_out)) if tokens_out else None},
+            cost_per_1m_usd=cost, cost_basis=basis, valid_output_rate=valid, wall_s=wall, outputs=preds)
+        results.append(result)
+    ref_outputs = outputs_by_spec[reference]
+    for result in results:
+        if "judge" in metric_names and result.spec != reference:
+            per = _judge_scores(task, ctx, rows, outputs_by_spec[result.spec], ref_outputs)
+            # share of head-to-head wins over the reference (ties count half)
+            result.metrics["judge"] = bootstrap(Metric("judge", lambda p, r, per=per: per), refs, refs).as_dict()
+        if result.spec == reference:
+            continue
+        for name, m in metrics.items():
+            result.paired[name] = paired(m, outputs_by_spec[result.spec], ref_outputs, refs).as_dict()
+    _store_runs(store, task, dataset, home, results, reference, rows, hardware_usd_per_hour)
+    for result in results:
+        if on_result:
+            on_result(result)
+    prices_as_of = None
+    if prices is not None and prices.prices:
+        prices_as_of = max(p.as_of for p in prices.prices)
+    return BenchReport(task=task.name, dataset=dataset["id"], rows=len(rows), reference=reference,
+                       reference_note=task.reference_note(), hardware_usd_per_hour=hardware_usd_per_hour,
+                       prices_as_of=prices_as_of, results=results)
+
+
+def _store_runs(store, task, dataset, home, results, reference, rows, hw) -> None:
+    now = datetime.now(timezone.utc)
+    with store.engine.begin() as conn:
+        for r in results:
+            folder = Path(home) / "runs" / r.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            lines = [orjson.dumps({"id": row["id"], "input": row["input"], "reference": row["reference"],
+                                   "output": p.output, "confidence": p.confidence, "latency_ms": p.latency_ms,
+                                   "prompt_tokens": p.prompt_tokens, "completion_tokens": p.completion_tokens,
+                                   "cost_usd": p.cost_usd, "cached": p.cached})
+                     for row, p in zip(rows, r.outputs)]
+            (folder / "outputs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+            conn.execute(schema.runs.insert().values(
+                id=r.run_id, kind="bench", task=task.name, status="done",
+                config={"candidate": r.spec, "reference": reference, "rows": len(rows),
+                        "hardware_usd_per_hour": hw, "dataset": dataset["id"]},
+                base_model=r.spec, dataset_id=dataset["id"],
+                metrics={k: _clean(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
+                outputs_path=str((folder / "outputs.jsonl").resolve()), created_at=now, finished_at=now))
+
+
+def _clean(value):
+    if isinstance(value, float):
+        return _nan_to_none(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value

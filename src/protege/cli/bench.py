@@ -1,0 +1,87 @@
+"""`protege bench`: candidates head to head on a task's frozen benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .common import console, err, fmt, open_store, settings
+
+
+def bench_cmd(
+    ctx: typer.Context,
+    task_file: Path = typer.Argument(..., help="The task's YAML file."),
+    candidate: list[str] = typer.Option(..., "--candidate", "-c",
+                                        help="Candidate spec; repeat: openai:MODEL@URL, replay, hf:ID, knn:minilm, run:ID"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Candidate the others are tested against (default: the first)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest dataset)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N test rows (same rows for every candidate)."),
+    latency_samples: int = typer.Option(30, "--latency-samples", min=1, help="Requests timed one by one for local models."),
+    hardware_usd_per_hour: float = typer.Option(0.10, "--hardware-usd-per-hour", min=0,
+                                                help="Price of the machine a local model runs on (default: an assumed 2-vCPU cloud VM)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report to this JSON file."),
+):
+    """Score every candidate on exactly the same frozen test rows: quality with CIs, latency, cost."""
+    from ..bench.run import run_bench
+    from ..datasets.registry import get_dataset
+    from ..prices import cached_prices
+    from ..tasks.spec import load_task
+
+    task = load_task(task_file)
+    s = settings(ctx)
+    store = open_store(ctx)
+    ds = get_dataset(store, dataset or task.name)
+    prices = cached_prices(str(s.prices_path) if s.prices_path else None)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err,
+                  transient=False) as bar:
+        def progress(spec, total):
+            tid = bar.add_task(spec, total=total)
+            return lambda n: bar.advance(tid, n)
+
+        report = run_bench(store, task, ds, s.ensure_home(), list(candidate), reference=reference,
+                           hardware_usd_per_hour=hardware_usd_per_hour, latency_samples=latency_samples,
+                           limit=limit, prices=prices, progress=progress)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.as_dict(), indent=2, default=str))
+    render(report)
+
+
+def _ci(m: dict | None) -> str:
+    if not m or m.get("value") is None:
+        return "unknown"
+    low, high = m["ci95"]
+    if low is None or high is None:
+        return f"{m['value']:.3f}"
+    return f"{m['value']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def render(report) -> None:
+    names = list(report.results[0].metrics) if report.results else []
+    t = Table(title=f"{report.task} on {report.dataset}: {report.rows:,} test rows")
+    t.add_column("candidate")
+    for n in names:
+        t.add_column(f"{n} (95% CI)")
+    t.add_column(f"Δ vs {report.reference} (p)")
+    for col in ("p50 ms", "p95 ms", "rows/s", "tokens in/out", "USD per 1M req"):
+        t.add_column(col, justify="right")
+    for r in report.results:
+        first = names[0] if names else None
+        delta = "reference" if r.spec == report.reference else (
+            f"{r.paired[first]['difference']:+.3f} (p={r.paired[first]['p_value']:.3g})" if first in r.paired else "")
+        tok = f"{fmt(r.tokens['in'], digits=0)}/{fmt(r.tokens['out'], digits=1)}"
+        t.add_row(r.spec, *[_ci(r.metrics.get(n)) for n in names], delta, fmt(r.latency_ms["p50"]),
+                  fmt(r.latency_ms["p95"]), fmt(r.throughput_rps), tok, fmt(r.cost_per_1m_usd, digits=2))
+    console.print(t)
+    console.print(f"[dim]{report.reference_note}.[/]")
+    for r in report.results:
+        extra = f"; valid labels {r.valid_output_rate:.1%}" if r.valid_output_rate is not None else ""
+        console.print(f"[dim]{r.spec}: latency {r.latency_ms['note']}; cost {r.cost_basis}{extra}; run {r.run_id}[/]")
+    if report.prices_as_of:
+        console.print(f"[dim]API prices as of {report.prices_as_of} (`protege prices`).[/]")

@@ -1,0 +1,102 @@
+"""The Candidate protocol and the table of candidate backends.
+
+A candidate is anything that answers a task's inputs. It is addressed by a spec string,
+`SCHEME:REST[?key=value&...]`, and built by the factory registered for its scheme:
+
+    openai:MODEL@BASE_URL    any OpenAI-compatible endpoint (frontier API, vLLM, protege serve)
+    replay                   the outputs recorded in the traces (the frontier model as it was)
+    hf:ID_OR_PATH            a local causal LM (zero-/k-shot; constrained label decoding)
+    knn:minilm               embedding nearest neighbour over the train split
+    run:RUN_ID               a specialist trained by protege
+
+Built-ins register through `register_candidate`, the same hook a plugin uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+from urllib.parse import parse_qsl
+
+from ..errors import ProtegeError
+from ..tasks.spec import Task
+
+
+@dataclass
+class Prediction:
+    output: str
+    confidence: float | None = None
+    """The model's probability of this output (classification), when it has one."""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = None
+    """Measured for this request alone (API calls; replayed traces), else None."""
+    cost_usd: float | None = None
+    cached: bool = False
+    error: str | None = None
+
+
+@dataclass
+class Context:
+    """What a candidate may use: the task, the frozen dataset, the user's home folder."""
+
+    task: Task
+    dataset: dict
+    home: Path
+    train: list[dict] = field(default_factory=list)
+    prices: Any = None
+
+
+class Candidate(Protocol):
+    spec: str
+    kind: str
+    """"api" (priced per token), "local" (priced per hour of hardware) or "recorded"."""
+
+    def predict(self, rows: list[dict], progress: Callable[[int], None] | None = None) -> list[Prediction]:
+        """Answer every row (batched or concurrent as the backend likes); same order."""
+
+    def close(self) -> None: ...
+
+
+Factory = Callable[[str, dict[str, str], Context], Candidate]
+_REGISTRY: dict[str, Factory] = {}
+
+
+def register_candidate(scheme: str, factory: Factory) -> None:
+    """Make `scheme:...` specs build candidates with `factory(rest, options, context)`."""
+    _REGISTRY[scheme] = factory
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """`scheme:rest?k=v` -> (scheme, rest, options)."""
+    head, _, query = spec.partition("?")
+    scheme, _, rest = head.partition(":")
+    return scheme, rest, dict(parse_qsl(query, keep_blank_values=True))
+
+
+def build_candidate(spec: str, ctx: Context) -> Candidate:
+    _load_builtins()
+    scheme, rest, options = parse_spec(spec)
+    if scheme not in _REGISTRY:
+        raise ProtegeError(f"unknown candidate {spec!r}: the scheme must be one of "
+                           f"{', '.join(sorted(_REGISTRY))} (e.g. openai:gpt-4o-mini@https://api.openai.com/v1, "
+                           "replay, hf:smollm2-135m, knn:minilm, run:RUN_ID)")
+    return _REGISTRY[scheme](rest, options, ctx)
+
+
+def option(options: dict[str, str], key: str, default, cast=str, spec: str = ""):
+    if key not in options:
+        return default
+    try:
+        return cast(options[key])
+    except ValueError:
+        raise ProtegeError(f"candidate {spec}: option {key}={options[key]!r} is not a valid {cast.__name__}") from None
+
+
+def _load_builtins() -> None:
+    if _REGISTRY.get("_loaded"):
+        return
+    from . import causal, knn, openai_api, replay  # noqa: F401  (each registers itself)
+
+    _REGISTRY["_loaded"] = True  # type: ignore[assignment]

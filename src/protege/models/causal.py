@@ -1,0 +1,261 @@
+"""`hf:ID_OR_PATH`: a local causal LM through transformers, prompted zero- or k-shot.
+
+    hf:smollm2-135m                         constrained to the label set (classification)
+    hf:smollm2-135m?mode=generate&shots=5   free generation, 5 training examples in the prompt
+
+Options: `mode` (`constrained`: decoding restricted to a trie of the labels' tokens, so
+the answer is always a valid label, with the model's probability of it; beam search of
+width `beam`, default 4; `generate`: free greedy decoding), `shots` (k-shot, default the task's prompt.few_shot), `batch_size`
+(default 16), `max_new_tokens` (generate; default 48), `instructed` (default 1: tell the
+model the label set / schema in the system prompt; a trained specialist sets 0).
+
+Speed: the part of the prompt every row shares (system prompt with the label list,
+few-shot examples) is run through the model once; its key/value cache is reused by every
+row, so a row costs only its own tokens plus the answer's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from typing import Any
+
+from ..errors import ProtegeError
+from ..tasks.metrics import normalize_text
+from .base import Context, Prediction, option, register_candidate
+from .prompting import specialist_messages
+
+SENTINEL = "\ue000"
+
+
+class _Trie:
+    def __init__(self, sequences: dict[str, list[int]]):
+        self.children: list[dict[int, int]] = [{}]
+        self.label_at: dict[int, str] = {}
+        for label, seq in sequences.items():
+            node = 0
+            for tok in seq:
+                nxt = self.children[node].get(tok)
+                if nxt is None:
+                    nxt = len(self.children)
+                    self.children.append({})
+                    self.children[node][tok] = nxt
+                node = nxt
+            self.label_at[node] = label
+        self.depth = max(len(s) for s in sequences.values())
+
+
+class CausalLM:
+    kind = "local"
+
+    def __init__(self, name: str, options: dict[str, str], ctx: Context, *, spec: str | None = None,
+                 instructed_default: bool = True):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .local import resolve
+
+        self.spec = spec or f"hf:{name}"
+        self.ctx = ctx
+        task = ctx.task
+        default_mode = "constrained" if task.kind == "classification" else "generate"
+        self.mode = option(options, "mode", default_mode, str, self.spec)
+        if self.mode not in ("constrained", "generate"):
+            raise ProtegeError(f"candidate {self.spec}: mode must be constrained or generate")
+        if self.mode == "constrained" and task.kind != "classification":
+            raise ProtegeError(f"candidate {self.spec}: mode=constrained needs a classification task")
+        self.shots = option(options, "shots", task.prompt.few_shot, int, self.spec)
+        self.batch_size = option(options, "batch_size", 16, int, self.spec)
+        self.beam = option(options, "beam", 4, int, self.spec)
+        self.max_new_tokens = option(options, "max_new_tokens", 48, int, self.spec)
+        self.instructed = bool(option(options, "instructed", int(instructed_default), int, self.spec))
+        path = resolve(name, ctx.home)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except OSError as exc:
+            raise ProtegeError(f"candidate {self.spec}: cannot load model {name!r}: {exc}") from None
+        self.model.eval()
+        self.torch = torch
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        shots = self._pick_shots(ctx.train)
+        self._prefix_text = self._render(SENTINEL, shots).split(SENTINEL)[0]
+        self._shots = shots
+        self._prefix_ids = self.tokenizer(self._prefix_text, add_special_tokens=False).input_ids
+        self._prefix_cache = None
+        self.trie = None
+        if self.mode == "constrained":
+            seqs = {label: self.tokenizer(label, add_special_tokens=False).input_ids + [self.eos_ids[0]]
+                    for label in task.labels}
+            self.trie = _Trie(seqs)
+
+    def _eos_ids(self) -> list[int]:
+        ids = []
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None and tid >= 0:
+                ids.append(tid)
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        for e in (eos if isinstance(eos, list) else [eos]):
+            if e is not None and e not in ids:
+                ids.append(e)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        if not ids:
+            raise ProtegeError(f"candidate {self.spec}: the tokenizer names no end-of-sequence token")
+        return ids
+
+    def _pick_shots(self, train: list[dict]) -> list[tuple[str, str]]:
+        if not self.shots or not train:
+            return []
+        rng = random.Random(0)
+        return [(r["input"], r["reference"]) for r in rng.sample(train, min(self.shots, len(train)))]
+
+    def _render(self, text: str, shots) -> str:
+        messages = specialist_messages(self.ctx.task, text, instructed=self.instructed, shots=shots)
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+    def _suffix_ids(self, text: str) -> list[int]:
+        full = self._render(text, self._shots)
+        if full.startswith(self._prefix_text):
+            ids = self.tokenizer(full[len(self._prefix_text):], add_special_tokens=False).input_ids
+            if self._prefix_ok is None:
+                whole = self.tokenizer(full, add_special_tokens=False).input_ids
+                self._prefix_ok = whole == self._prefix_ids + ids
+            if self._prefix_ok:
+                return ids
+        self._prefix_ok = False
+        return self.tokenizer(full, add_special_tokens=False).input_ids
+
+    _prefix_ok: bool | None = None
+
+    def _cache_for(self, batch: int):
+        torch = self.torch
+        if not self._prefix_ok or not self._prefix_ids:
+            return None, 0
+        if self._prefix_cache is None:
+            with torch.inference_mode():
+                out = self.model(torch.tensor([self._prefix_ids]), use_cache=True)
+            self._prefix_cache = out.past_key_values
+        cache = copy.deepcopy(self._prefix_cache)
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        return cache, len(self._prefix_ids)
+
+    def _prefill(self, suffixes: list[list[int]]):
+        """Run each row's own tokens after the shared prefix; returns the state to decode from."""
+        torch = self.torch
+        cache, P = self._cache_for(len(suffixes))
+        if cache is None:
+            P = 0
+        B, S = len(suffixes), max(len(s) for s in suffixes)
+        ids = torch.full((B, S), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, P + S), dtype=torch.long)
+        mask[:, :P] = 1
+        for i, s in enumerate(suffixes):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, P:P + len(s)] = 1
+        lens = torch.tensor([len(s) for s in suffixes])
+        pos = (P + torch.arange(S)).unsqueeze(0).expand(B, S)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        return out.logits[torch.arange(B), lens - 1], out.past_key_values, mask, P + lens
+
+    def _step(self, tokens: list[int], cache, mask, cur):
+        torch = self.torch
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=torch.long)], dim=1)
+        out = self.model(input_ids=torch.tensor(tokens)[:, None], attention_mask=mask, position_ids=cur[:, None],
+                         past_key_values=cache, use_cache=True)
+        return out.logits[:, -1], out.past_key_values, mask, cur + 1
+
+    def _generate(self, suffixes: list[list[int]]) -> list[tuple[str, float | None, int]]:
+        """Free greedy decoding until an end token or max_new_tokens."""
+        with self.torch.inference_mode():
+            logits, cache, mask, cur = self._prefill(suffixes)
+            B = len(suffixes)
+            generated: list[list[int]] = [[] for _ in range(B)]
+            done = [False] * B
+            for _ in range(self.max_new_tokens):
+                nxt = logits.argmax(-1).tolist()
+                for i in range(B):
+                    if done[i]:
+                        nxt[i] = self.pad_id
+                        continue
+                    generated[i].append(nxt[i])
+                    done[i] = nxt[i] in self.eos_ids
+                if all(done):
+                    break
+                logits, cache, mask, cur = self._step(nxt, cache, mask, cur)
+        results = []
+        for toks in generated:
+            text = self.tokenizer.decode([t for t in toks if t not in self.eos_ids], skip_special_tokens=True)
+            results.append((normalize_text(text, self.ctx.task.normalize), None, len(toks)))
+        return results
+
+    def _constrained(self, suffixes: list[list[int]]) -> list[tuple[str, float | None, int]]:
+        """Beam search over the trie of label token sequences (width `beam`): the answer is
+        always a label, and its confidence is the model's probability of that label's tokens.
+        A row stops once its best finished label outscores every unfinished beam (log
+        probabilities only fall as tokens are added)."""
+        torch = self.torch
+        trie = self.trie
+        with torch.inference_mode():
+            logits, cache, mask, cur = self._prefill(suffixes)
+            B = len(suffixes)
+            # live hypotheses, one per batch row of the cache: (row, node, score, length)
+            live = [(i, 0, 0.0, 0) for i in range(B)]
+            best: list[tuple[float, str, int] | None] = [None] * B
+            while live:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                expansions: dict[int, list[tuple[float, int, int, int]]] = {}
+                for h, (row, node, score, length) in enumerate(live):
+                    children = trie.children[node]
+                    allowed = list(children)
+                    lp = logp[h, allowed].tolist()
+                    for tok, val in zip(allowed, lp):
+                        child, total = children[tok], score + val
+                        if child in trie.label_at:
+                            if best[row] is None or total > best[row][0]:
+                                best[row] = (total, trie.label_at[child], length + 1)
+                        else:
+                            expansions.setdefault(row, []).append((total, h, tok, child))
+                new_live, parents, tokens = [], [], []
+                for row, cands in expansions.items():
+                    cands.sort(reverse=True)
+                    for total, h, tok, child in cands[:self.beam]:
+                        if best[row] is not None and total <= best[row][0]:
+                            break
+                        new_live.append((row, child, total, live[h][3] + 1))
+                        parents.append(h)
+                        tokens.append(tok)
+                if not new_live:
+                    break
+                idx = torch.tensor(parents)
+                cache.reorder_cache(idx)
+                logits, cache, mask, cur = self._step(tokens, cache, mask[idx], cur[idx])
+                live = new_live
+        return [(label, math.exp(score), n) for score, label, n in best]
+
+    def predict(self, rows, progress=None):
+        suffixes = [self._suffix_ids(r["input"]) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: len(suffixes[i]))
+        out: list[Any] = [None] * len(rows)
+        P = len(self._prefix_ids) if self._prefix_ok else 0
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            run = self._constrained if self.trie else self._generate
+            for i, (text, conf, n_out) in zip(chunk, run([suffixes[i] for i in chunk])):
+                out[i] = Prediction(output=text, confidence=conf, prompt_tokens=P + len(suffixes[i]),
+                                    completion_tokens=n_out)
+            if progress:
+                progress(len(chunk))
+        return out
+
+    def close(self):
+        self._prefix_cache = None
+
+
+register_candidate("hf", lambda rest, options, ctx: CausalLM(rest, options, ctx))

@@ -1,0 +1,205 @@
+"""Candidates and the head-to-head bench, with real models (SmolLM2-135M, MiniLM), a real
+local OpenAI-compatible server and real stores."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from protege.bench.run import run_bench
+from protege.datasets.build import build_dataset
+from protege.datasets.registry import get_dataset, load_split
+from protege.errors import ProtegeError
+from protege.models.base import Context, build_candidate
+from protege.prices import load_prices
+from protege.tasks.spec import load_task
+from protege.testing import ScriptedUpstream
+from protege.traces import schema
+from protege.traces.importers import ImportOptions, import_file
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "banking77"
+LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked", "Refund_not_showing_up"]
+
+
+def take(path: Path, per_label: int) -> list[dict]:
+    out, counts = [], defaultdict(int)
+    with gzip.open(path, "rt") as fh:
+        for line in fh:
+            row = json.loads(line)
+            label = row["messages"][-1]["content"]
+            if label in LABELS and counts[label] < per_label:
+                counts[label] += 1
+                out.append(row)
+    return out
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    from protege.traces.store import Store
+
+    s = Store(f"sqlite:///{tmp_path / 'bench.db'}")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def banking(sqlite_store, tmp_path, home):
+    return make_banking(sqlite_store, tmp_path, home)
+
+
+def make_banking(store, tmp_path, home):
+    """A six-intent slice of BANKING77, imported and built into a dataset like a user would."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "traces.jsonl.gz", 20)))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "test.jsonl.gz", 4)))
+    import_file(store, train, ImportOptions(task="bank6"))
+    task_path = tmp_path / "task.yaml"
+    task_path.write_text(f"""# protege bench task.yaml -c replay
+name: bank6
+kind: classification
+labels: [{", ".join(LABELS)}]
+prompt:
+  system: Classify the bank customer's message into one support intent.
+references: test_file
+tokenizer: none
+""")
+    task = load_task(task_path)
+    result = build_dataset(store, task, home, test_from=test)
+    return task, get_dataset(store, result.id)
+
+
+def ctx_for(task, ds, home):
+    return Context(task=task, dataset=ds, home=home, train=load_split(ds, "train"), prices=load_prices())
+
+
+@pytest.fixture
+def label_upstream(banking):
+    """A local OpenAI-compatible server answering with the gold label (a stand-in frontier model)."""
+    task, ds = banking
+    gold = {r["input"]: r["reference"] for r in load_split(ds, "test")}
+    up = ScriptedUpstream(model="gpt-4o-mini-2024-07-18",
+                          reply=lambda req: gold.get(req["messages"][-1]["content"], "card_arrival"))
+    up.start()
+    yield up
+    up.stop()
+
+
+def test_openai_candidate_retries_429_then_caches(banking, label_upstream, home):
+    task, ds = banking
+    rows = load_split(ds, "test")[:5]
+    label_upstream.push(("status", 429, {"error": {"message": "slow down"}}), ("status", 503, {"error": {}}))
+    spec = f"openai:gpt-4o-mini@{label_upstream.url}?concurrency=1"
+    cand = build_candidate(spec, ctx_for(task, ds, home))
+    preds = cand.predict(rows)
+    assert [p.output for p in preds] == [r["reference"] for r in rows]
+    assert cand.calls == 7  # 2 scripted failures retried, then 5 answers
+    assert all(p.latency_ms > 0 and p.cost_usd > 0 and not p.cached for p in preds)
+    cand.close()
+    before = label_upstream.count
+    again = build_candidate(spec, ctx_for(task, ds, home))
+    preds2 = again.predict(rows)
+    assert label_upstream.count == before and again.calls == 0  # a re-run costs nothing
+    assert all(p.cached for p in preds2) and [p.output for p in preds2] == [p.output for p in preds]
+    again.close()
+    # the request is the app's original one: the long frontier system prompt included
+    sent = json.loads(label_upstream.requests[-1]["body"])
+    assert sent["messages"][0]["role"] == "system" and "card_arrival" in sent["messages"][0]["content"]
+
+
+def test_openai_candidate_errors(banking, label_upstream, home):
+    task, ds = banking
+    ctx = ctx_for(task, ds, home)
+    with pytest.raises(ProtegeError, match="write openai:MODEL@BASE_URL"):
+        build_candidate("openai:gpt-4o", ctx)
+    with pytest.raises(ProtegeError, match="no API key; set PROTEGE_TEST_NO_SUCH_KEY"):
+        build_candidate("openai:gpt-4o@https://api.openai.com/v1?key_env=PROTEGE_TEST_NO_SUCH_KEY", ctx)
+    label_upstream.push(("status", 400, {"error": {"message": "bad request"}}))
+    cand = build_candidate(f"openai:m@{label_upstream.url}?cache=off&retries=0", ctx)
+    with pytest.raises(ProtegeError, match="HTTP 400"):
+        cand.predict(load_split(ds, "test")[:1])
+    with pytest.raises(ProtegeError, match="unknown candidate 'nope:x'"):
+        build_candidate("nope:x", ctx)
+    with pytest.raises(ProtegeError, match="option concurrency='many'"):
+        build_candidate(f"openai:m@{label_upstream.url}?concurrency=many", ctx)
+
+
+def test_smollm2_constrained_and_free_generation(banking, home):
+    task, ds = banking
+    rows = load_split(ds, "test")[:6]
+    ctx = ctx_for(task, ds, home)
+    constrained = build_candidate("hf:smollm2-135m", ctx)
+    preds = constrained.predict(rows)
+    assert all(p.output in LABELS for p in preds)
+    assert all(0 < p.confidence <= 1 for p in preds)
+    assert preds[0].prompt_tokens > len(rows[0]["input"].split())
+    # batch size does not change answers (the shared-prefix cache is exact)
+    one = [constrained.predict([r])[0] for r in rows[:2]]
+    assert [p.output for p in one] == [p.output for p in preds[:2]]
+    assert [round(p.confidence, 4) for p in one] == [round(p.confidence, 4) for p in preds[:2]]
+    constrained.close()
+    free = build_candidate("hf:smollm2-135m?mode=generate&max_new_tokens=8", ctx)
+    out = free.predict(rows[:2])
+    assert all(isinstance(p.output, str) and p.confidence is None and 1 <= p.completion_tokens <= 8 for p in out)
+
+
+def test_knn_minilm_beats_chance(banking, home):
+    task, ds = banking
+    rows = load_split(ds, "test")
+    knn = build_candidate("knn:minilm", ctx_for(task, ds, home))
+    preds = knn.predict(rows)
+    acc = sum(p.output == r["reference"] for p, r in zip(preds, rows)) / len(rows)
+    assert acc >= 0.7  # chance is 1/6
+    assert all(0 < p.confidence <= 1 for p in preds)
+    assert list((home / "cache" / "embeddings").glob("*.npy"))  # train embeddings cached for re-runs
+
+
+def test_bench_cli_end_to_end(banking, label_upstream, sqlite_store, tmp_path, capsys):
+    from test_cli import run
+
+    task, ds = banking
+    store, db_url = sqlite_store, sqlite_store.url
+    out = tmp_path / "report.json"
+    code, stdout, err = run(capsys, "--db", db_url, "bench", str(task.path), "-c", "replay", "-c", "knn:minilm",
+                            "-c", f"openai:gpt-4o-mini@{label_upstream.url}", "--latency-samples", "3",
+                            "--json", str(out))
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    n = len(load_split(ds, "test"))
+    assert n >= 20 and report["rows"] == n and report["reference"] == "replay"
+    by = {c["spec"]: c for c in report["candidates"]}
+    replay, knn, api = by["replay"], by["knn:minilm"], by[f"openai:gpt-4o-mini@{label_upstream.url}"]
+    # references are the test file's labels; replay replays that file's replies, so 100%
+    assert replay["metrics"]["accuracy"]["value"] == 1.0
+    assert replay["latency_ms"]["p50"] is None and "unknown" in replay["latency_ms"]["note"]
+    assert api["metrics"]["accuracy"]["value"] == 1.0 and api["paired"]["accuracy"]["difference"] == 0
+    assert api["cost_per_1m_usd"] > 0 and api["latency_ms"]["p50"] > 0
+    low, high = knn["metrics"]["accuracy"]["ci95"]
+    assert low <= knn["metrics"]["accuracy"]["value"] <= high
+    assert knn["latency_ms"]["n"] == 3 and knn["throughput_rps"] > 0 and knn["cost_per_1m_usd"] > 0
+    assert "knn:minilm" in stdout and "scores are against the labelled test file" in " ".join(stdout.split())
+    # every candidate's per-example outputs are stored as a bench run
+    with store.engine.connect() as conn:
+        runs = conn.execute(sa.select(schema.runs).where(schema.runs.c.kind == "bench")).all()
+    assert {r.base_model for r in runs} == set(by)
+    for r in runs:
+        lines = Path(r.outputs_path).read_text().splitlines()
+        assert len(lines) == n and {"id", "output", "reference", "confidence"} <= set(json.loads(lines[0]))
+
+
+def test_bench_same_rows_and_limit_on_both_stores(store, tmp_path, home):
+    task, ds = make_banking(store, tmp_path, home)
+    report = run_bench(store, task, ds, home, ["replay", "knn:minilm"], limit=10, latency_samples=2,
+                       prices=load_prices())
+    assert report.rows == 10 and all(r.n == 10 for r in report.results)
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.select(schema.runs.c.config).where(schema.runs.c.kind == "bench")).scalars().all()
+    assert sorted(c["candidate"] for c in stored) == ["knn:minilm", "replay"]
+    assert all(c["rows"] == 10 and c["dataset"] == ds["id"] for c in stored)
+    with pytest.raises(ProtegeError, match="at least one --candidate"):
+        run_bench(store, task, ds, home, [])
