@@ -185,3 +185,29 @@ def test_cli_build_show_list_export(store, db_url, tmp_path, home, capsys):
     assert hf["test"].num_rows == built["sizes"]["test"] and set(hf["test"].column_names) >= {"input", "reference"}
     code, _, err = run(capsys, *args, "dataset", "show", "nope@3")
     assert code == 1 and "no dataset 'nope@3'" in err
+
+
+def test_group_by_keeps_each_dialog_in_one_split(store, tmp_path, home):
+    records = []
+    for d in range(30):
+        for turn in range(4):
+            t = trace(f"dialog {d} turn {turn} {filler(d * 10 + turn)}", "balance")
+            t.metadata = {"dialog_id": f"D{d}"}
+            records.append(t)
+    store.insert_traces(records)
+    task = task_file(tmp_path, "split: {method: random, test_fraction: 0.2, validation_fraction: 0.1, "
+                               "group_by: dialog_id}\n")
+    ds = get_dataset(store, build_dataset(store, task, home).id)
+    owners = {}
+    for split in ("train", "validation", "test"):
+        for r in load_split(ds, split):
+            owners.setdefault(r["group"], set()).add(split)
+    assert len(owners) == 30 and all(len(s) == 1 for s in owners.values())
+    assert {s for v in owners.values() for s in v} == {"train", "validation", "test"}
+
+
+def test_group_by_rejected_with_stratified(tmp_path):
+    from protege.tasks.spec import TaskError
+
+    with pytest.raises(TaskError, match="group_by works with method random or temporal"):
+        task_file(tmp_path, "split: {method: stratified, group_by: dialog_id}\n")

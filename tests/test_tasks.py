@@ -137,3 +137,8 @@ def test_paired_test():
     same = paired(metric, better, better, refs)
     assert same.difference == 0 and same.p_value == 1.0
     assert math.isnan(bootstrap(metric, ["y"], ["y"]).low)
+
+
+def test_canard_task_loads():
+    t = load_task(ROOT / "examples" / "canard" / "task.yaml")
+    assert t.kind == "generation" and t.split.group_by == "dialog_id" and t.metric_names == ["exact_match", "chrf", "rouge_l"]

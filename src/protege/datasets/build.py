@@ -71,7 +71,7 @@ def _text(content: Any) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _example(row: dict) -> dict | None:
+def _example(row: dict, group_by: str | None = None) -> dict | None:
     """The dataset row for a trace: its last user message is the input."""
     request = row.get("request") or {}
     messages = request.get("messages") if isinstance(request, dict) else None
@@ -97,6 +97,7 @@ def _example(row: dict) -> dict | None:
         "gold": feedback.get("correction") if isinstance(feedback, dict) else None,
         "messages": messages,
         "created_at": created.isoformat() if isinstance(created, datetime) else created,
+        **({"group": str((row.get("metadata") or {}).get(group_by))} if group_by else {}),
     }
 
 
@@ -146,7 +147,23 @@ def _split(pool: list[dict], task: Task, has_test: bool) -> dict[str, list[dict]
         out["validation"] += rows[n - n_test - n_val:n - n_test] if n_val else []
         out["train"] += rows[:n - n_test - n_val]
 
-    if cfg.method == "temporal":
+    if cfg.group_by:
+        # whole groups go to one split; groups ordered by time (temporal) or shuffled
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in pool:
+            groups[r["group"]].append(r)
+        keys = sorted(groups, key=lambda g: min((r["created_at"] or "") for r in groups[g])) \
+            if cfg.method == "temporal" else sorted(groups)
+        if cfg.method != "temporal":
+            rng.shuffle(keys)
+        n = len(pool)
+        bounds = (n * (1 - test_frac - val_frac), n * (1 - test_frac))
+        seen = 0
+        for g in keys:
+            name = "train" if seen < bounds[0] else "validation" if seen < bounds[1] else "test"
+            out[name] += groups[g]
+            seen += len(groups[g])
+    elif cfg.method == "temporal":
         cut(sorted(pool, key=lambda r: (r["created_at"] or "", r["id"] or "")))
     elif cfg.method == "stratified":
         by_label: dict[str, list[dict]] = defaultdict(list)
@@ -218,7 +235,7 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
     def prepare(rows: list[dict], name: str, from_file: bool) -> list[dict]:
         out, no_input, invalid = [], 0, 0
         for row in rows:
-            ex = _example(row)
+            ex = _example(row, task.split.group_by)
             if ex is None or not ex["input"].strip() or ex["output"] is None:
                 no_input += 1
                 continue
@@ -297,7 +314,8 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
         splits = _split(pool, task, test_rows is not None)
     if test_rows is not None:
         splits["test"] = test_rows
-    note = f"{task.split.method}" + (f", test from {test_from}" if test_from else "")
+    note = f"{task.split.method}" + (f" by {task.split.group_by}" if task.split.group_by else "") + (
+        f", test from {test_from}" if test_from else "")
     step("split", sum(len(v) for v in splits.values()), note=note)
     if not splits["test"]:
         raise ProtegeError(f"task {task.name}: the test split is empty; add traces, raise split.test_fraction, "

@@ -93,6 +93,9 @@ class Split(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
+    group_by: str | None = None
+    """A trace metadata key (e.g. dialog_id): rows sharing its value stay in one split, so
+    turns of one conversation never sit on both sides of the benchmark."""
 
     @model_validator(mode="after")
     def _fractions(self):
@@ -163,6 +166,8 @@ class Task(_Strict):
                 problems.append(f"`label_descriptions` names labels not in `labels`: {sorted(unknown)}")
         if self.kind == "extraction" and self.json_schema is None and not self.schema_file:
             problems.append("extraction needs `schema` or `schema_file` (a JSON schema of the output)")
+        if self.split.group_by and self.split.method == "stratified":
+            problems.append("split.group_by works with method random or temporal, not stratified")
         if self.split.method == "stratified" and self.kind != "classification":
             problems.append("split.method stratified needs kind classification; use random or temporal")
         if problems:
