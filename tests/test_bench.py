@@ -203,3 +203,28 @@ def test_bench_same_rows_and_limit_on_both_stores(store, tmp_path, home):
     assert all(c["rows"] == 10 and c["dataset"] == ds["id"] for c in stored)
     with pytest.raises(ProtegeError, match="at least one --candidate"):
         run_bench(store, task, ds, home, [])
+
+
+def test_llm_judge_both_orders_cancel_position_bias(banking, sqlite_store, home, tmp_path):
+    task, ds = banking
+    # a judge that always prefers whichever answer is shown first: asking both orders makes
+    # every comparison a tie for the candidate (0.5), as it should be
+    judge = ScriptedUpstream(model="judge-1", reply=lambda req: "A")
+    judge.start()
+    try:
+        text = Path(task.path).read_text() + f"metrics: [accuracy, judge]\njudge:\n  candidate: openai:judge-1@{judge.url}\n"
+        p = tmp_path / "judged.yaml"
+        p.write_text(text)
+        judged = load_task(p)
+        report = run_bench(sqlite_store, judged, ds, home, ["replay", "knn:minilm"], limit=6, latency_samples=1,
+                           prices=load_prices())
+        knn = next(r for r in report.results if r.spec == "knn:minilm")
+        assert knn.metrics["judge"]["value"] == 0.5
+        prompts = [json.loads(r["body"])["messages"][0]["content"] for r in judge.requests]
+        assert len(prompts) == 12 and all("Reply with exactly one of: A, B, TIE." in t for t in prompts)
+    finally:
+        judge.stop()
+    nojudge = tmp_path / "nojudge.yaml"
+    nojudge.write_text(Path(task.path).read_text() + "metrics: [accuracy, judge]\n")
+    with pytest.raises(ProtegeError, match="needs a `judge:` section"):
+        run_bench(sqlite_store, load_task(nojudge), ds, home, ["replay", "knn:minilm"], limit=2, latency_samples=1)
