@@ -5,9 +5,9 @@ Run: .venv/bin/python benchmarks/bench_banking77.py [--rows N] [--home DIR]
 Imports the shipped BANKING77 traces, builds the dataset with the official test split as
 the benchmark, and runs `protege bench` (the same code) with: `knn:minilm` (MiniLM
 nearest neighbour over the train split), `hf:smollm2-135m` zero-shot with output
-constrained to the label set (beam search over the labels' tokens), and the same model
-with free generation (`mode=generate`, at most 16 new tokens: no BANKING77 label is
-longer). Reports accuracy with 95% CIs, p50 latency at batch size 1, batched throughput,
+constrained to the label set (beam search over the labels' tokens), the same model with
+free generation (`mode=generate`, at most 16 new tokens: no BANKING77 label is longer),
+and with every label scored (`mode=score`, a probability per label). Reports accuracy with 95% CIs, p50 latency at batch size 1, batched throughput,
 and checks the issue's targets for constrained output: always a valid label with a
 probability, no slower per request than free generation, at least as accurate.
 `--rows N` benches the first N test rows (the same rows for every candidate).
@@ -26,7 +26,8 @@ from _common import machine_info, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "banking77"
-CANDIDATES = ["knn:minilm", "hf:smollm2-135m", "hf:smollm2-135m?mode=generate&max_new_tokens=16"]
+CANDIDATES = ["knn:minilm", "hf:smollm2-135m", "hf:smollm2-135m?mode=generate&max_new_tokens=16",
+              "hf:smollm2-135m?mode=score"]
 
 
 def main() -> None:

@@ -143,6 +143,14 @@ def test_smollm2_constrained_and_free_generation(banking, home):
     assert [p.output for p in one] == [p.output for p in preds[:2]]
     assert [round(p.confidence, 4) for p in one] == [round(p.confidence, 4) for p in preds[:2]]
     constrained.close()
+    scored = build_candidate("hf:smollm2-135m?mode=score", ctx)
+    full = scored.predict(rows[:3])
+    for p in full:
+        assert set(p.label_probs) == set(LABELS) and sum(p.label_probs.values()) == pytest.approx(1.0, abs=1e-4)
+        assert p.output == max(p.label_probs, key=p.label_probs.get) and p.confidence == p.label_probs[p.output]
+    # one row alone scores the same as inside a batch (the tree mask keeps rows apart)
+    alone = scored.predict(rows[1:2])[0]
+    assert alone.output == full[1].output and alone.confidence == pytest.approx(full[1].confidence, abs=1e-4)
     free = build_candidate("hf:smollm2-135m?mode=generate&max_new_tokens=8", ctx)
     out = free.predict(rows[:2])
     assert all(isinstance(p.output, str) and p.confidence is None and 1 <= p.completion_tokens <= 8 for p in out)

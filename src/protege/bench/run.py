@@ -217,7 +217,8 @@ def _store_runs(store, task, dataset, home, results, reference, rows, hw) -> Non
             lines = [orjson.dumps({"id": row["id"], "input": row["input"], "reference": row["reference"],
                                    "output": p.output, "confidence": p.confidence, "latency_ms": p.latency_ms,
                                    "prompt_tokens": p.prompt_tokens, "completion_tokens": p.completion_tokens,
-                                   "cost_usd": p.cost_usd, "cached": p.cached})
+                                   "cost_usd": p.cost_usd, "cached": p.cached,
+                                   **({"label_probs": p.label_probs} if p.label_probs else {})})
                      for row, p in zip(rows, r.outputs)]
             (folder / "outputs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
             conn.execute(schema.runs.insert().values(

@@ -35,6 +35,8 @@ class Prediction:
     cost_usd: float | None = None
     cached: bool = False
     error: str | None = None
+    label_probs: dict[str, float] | None = None
+    """Classification candidates that score every label: the probability of each."""
 
 
 @dataclass

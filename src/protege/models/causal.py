@@ -1,11 +1,16 @@
 """`hf:ID_OR_PATH`: a local causal LM through transformers, prompted zero- or k-shot.
 
-    hf:smollm2-135m                         constrained to the label set (classification)
+    hf:smollm2-135m                         output constrained to the labels (classification)
+    hf:smollm2-135m?mode=score              a probability for every label
     hf:smollm2-135m?mode=generate&shots=5   free generation, 5 training examples in the prompt
 
-Options: `mode` (`constrained`: decoding restricted to a trie of the labels' tokens, so
-the answer is always a valid label, with the model's probability of it; beam search of
-width `beam`, default 4; `generate`: free greedy decoding), `shots` (k-shot, default the task's prompt.few_shot), `batch_size`
+Options: `mode` — `constrained` (classification default: beam search of width `beam`,
+default 4, restricted to a trie of the labels' tokens; always a valid label, with the
+model's probability of that label's tokens), `score` (every label scored in one batched
+forward pass over the label trie with a tree attention mask: a probability for each label,
+normalised over the label set, at more compute per row) or `generate` (free greedy
+decoding);
+`shots` (k-shot, default the task's prompt.few_shot), `batch_size`
 (default 16), `max_new_tokens` (generate; default 48), `instructed` (default 1: tell the
 model the label set / schema in the system prompt; a trained specialist sets 0).
 
@@ -30,20 +35,30 @@ SENTINEL = "\ue000"
 
 
 class _Trie:
+    """The labels' token sequences as a prefix tree; node 0 is the root."""
+
     def __init__(self, sequences: dict[str, list[int]]):
         self.children: list[dict[int, int]] = [{}]
+        self.parent: list[int] = [-1]
+        self.token: list[int] = [-1]
+        self.depth: list[int] = [0]
         self.label_at: dict[int, str] = {}
+        self.path: dict[str, list[int]] = {}
         for label, seq in sequences.items():
-            node = 0
+            node, path = 0, []
             for tok in seq:
                 nxt = self.children[node].get(tok)
                 if nxt is None:
                     nxt = len(self.children)
                     self.children.append({})
+                    self.parent.append(node)
+                    self.token.append(tok)
+                    self.depth.append(self.depth[node] + 1)
                     self.children[node][tok] = nxt
                 node = nxt
+                path.append(node)
             self.label_at[node] = label
-        self.depth = max(len(s) for s in sequences.values())
+            self.path[label] = path
 
 
 class CausalLM:
@@ -61,10 +76,10 @@ class CausalLM:
         task = ctx.task
         default_mode = "constrained" if task.kind == "classification" else "generate"
         self.mode = option(options, "mode", default_mode, str, self.spec)
-        if self.mode not in ("constrained", "generate"):
-            raise ProtegeError(f"candidate {self.spec}: mode must be constrained or generate")
-        if self.mode == "constrained" and task.kind != "classification":
-            raise ProtegeError(f"candidate {self.spec}: mode=constrained needs a classification task")
+        if self.mode not in ("score", "constrained", "generate"):
+            raise ProtegeError(f"candidate {self.spec}: mode must be score, constrained or generate")
+        if self.mode in ("score", "constrained") and task.kind != "classification":
+            raise ProtegeError(f"candidate {self.spec}: mode={self.mode} needs a classification task")
         self.shots = option(options, "shots", task.prompt.few_shot, int, self.spec)
         self.batch_size = option(options, "batch_size", 16, int, self.spec)
         self.beam = option(options, "beam", 4, int, self.spec)
@@ -86,7 +101,7 @@ class CausalLM:
         self._prefix_ids = self.tokenizer(self._prefix_text, add_special_tokens=False).input_ids
         self._prefix_cache = None
         self.trie = None
-        if self.mode == "constrained":
+        if self.mode in ("score", "constrained"):
             seqs = {label: self.tokenizer(label, add_special_tokens=False).input_ids + [self.eos_ids[0]]
                     for label in task.labels}
             self.trie = _Trie(seqs)
@@ -239,6 +254,65 @@ class CausalLM:
                 live = new_live
         return [(label, math.exp(score), n) for score, label, n in best]
 
+    def _score(self, suffixes: list[list[int]]) -> list[tuple[str, float | None, int]]:
+        """Score every label in one forward pass per batch: each row's own tokens are followed
+        by all nodes of the label trie, and a tree-shaped attention mask lets each node see
+        the prompt and its ancestors only. A label's log-probability is the sum over its
+        path; the probabilities returned are normalised over the label set."""
+        torch = self.torch
+        trie = self.trie
+        nodes = list(range(1, len(trie.children)))
+        N = len(nodes)
+        col = {n: i for i, n in enumerate(nodes)}
+        cache, P = self._cache_for(len(suffixes))
+        if cache is None:
+            P = 0
+        B, S = len(suffixes), max(len(s) for s in suffixes)
+        T = S + N
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((B, T), dtype=torch.long)
+        allowed = torch.zeros((B, T, P + T), dtype=torch.bool)
+        allowed[:, :, :P] = True
+        # node n attends to its ancestors (and itself); same for every row
+        tree = torch.zeros((N, N), dtype=torch.bool)
+        for n in nodes:
+            a = n
+            while a > 0:
+                tree[col[n], col[a]] = True
+                a = trie.parent[a]
+        node_tok = torch.tensor([trie.token[n] for n in nodes])
+        node_depth = torch.tensor([trie.depth[n] for n in nodes])
+        for i, suf in enumerate(suffixes):
+            L = len(suf)
+            ids[i, :L] = torch.tensor(suf)
+            ids[i, S:] = node_tok
+            pos[i, :S] = P + torch.arange(S)
+            pos[i, S:] = P + L + node_depth - 1
+            allowed[i, :S, P:P + S] = torch.tril(torch.ones((S, S), dtype=torch.bool))
+            allowed[i, S:, P:P + L] = True
+            allowed[i, S:, P + S:] = tree
+        mask = torch.zeros((B, 1, T, P + T), dtype=torch.float32)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+        parents = [n for n in nodes if trie.children[n]]  # nodes whose output predicts a child
+        with torch.inference_mode():
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                      use_cache=cache is not None).last_hidden_state
+            head = self.model.get_output_embeddings()
+            results = []
+            for i, suf in enumerate(suffixes):
+                # outputs that predict trie tokens: the row's last token (root) and each inner node
+                h = torch.cat([hidden[i, len(suf) - 1:len(suf)], hidden[i, [S + col[n] for n in parents]]])
+                logp = torch.log_softmax(head(h).float(), dim=-1)
+                row_of = {0: 0, **{n: k + 1 for k, n in enumerate(parents)}}
+                node_lp = {n: float(logp[row_of[trie.parent[n]], trie.token[n]]) for n in nodes}
+                labels = list(trie.path)
+                scores = torch.tensor([sum(node_lp[n] for n in trie.path[lab]) for lab in labels])
+                probs = torch.softmax(scores, dim=0)
+                best = int(scores.argmax())
+                results.append((labels[best], float(probs[best]), len(trie.path[labels[best]]),
+                                dict(zip(labels, probs.tolist()))))
+        return results
+
     def predict(self, rows, progress=None):
         suffixes = [self._suffix_ids(r["input"]) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: len(suffixes[i]))
@@ -246,10 +320,10 @@ class CausalLM:
         P = len(self._prefix_ids) if self._prefix_ok else 0
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            run = self._constrained if self.trie else self._generate
-            for i, (text, conf, n_out) in zip(chunk, run([suffixes[i] for i in chunk])):
+            run = {"score": self._score, "constrained": self._constrained, "generate": self._generate}[self.mode]
+            for i, (text, conf, n_out, *scores) in zip(chunk, run([suffixes[i] for i in chunk])):
                 out[i] = Prediction(output=text, confidence=conf, prompt_tokens=P + len(suffixes[i]),
-                                    completion_tokens=n_out)
+                                    completion_tokens=n_out, label_probs=scores[0] if scores else None)
             if progress:
                 progress(len(chunk))
         return out
