@@ -7,7 +7,9 @@ A candidate is anything that answers a task's inputs. It is addressed by a spec 
     replay                   the outputs recorded in the traces (the frontier model as it was)
     hf:ID_OR_PATH            a local causal LM (zero-/k-shot; constrained label decoding)
     knn:minilm               embedding nearest neighbour over the train split
-    run:RUN_ID               a specialist trained by protege
+
+Specialists trained by protege plug in the same way, as `run:RUN_ID`, once the training
+stage registers that scheme.
 
 Built-ins register through `register_candidate`, the same hook a plugin uses.
 """
@@ -81,9 +83,9 @@ def build_candidate(spec: str, ctx: Context) -> Candidate:
     _load_builtins()
     scheme, rest, options = parse_spec(spec)
     if scheme not in _REGISTRY:
-        raise ProtegeError(f"unknown candidate {spec!r}: the scheme must be one of "
-                           f"{', '.join(sorted(_REGISTRY))} (e.g. openai:gpt-4o-mini@https://api.openai.com/v1, "
-                           "replay, hf:smollm2-135m, knn:minilm, run:RUN_ID)")
+        known = sorted(k for k in _REGISTRY if not k.startswith("_"))
+        raise ProtegeError(f"unknown candidate {spec!r}: the scheme must be one of {', '.join(known)} "
+                           "(e.g. openai:gpt-4o-mini@https://api.openai.com/v1, replay, hf:smollm2-135m, knn:minilm)")
     return _REGISTRY[scheme](rest, options, ctx)
 
 
