@@ -132,7 +132,7 @@ def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[s
     refs = [r["reference"] for r in rows]
     metric_names = task.metric_names
     metrics = {m: get_metric(m) for m in metric_names if m != "judge"}
-    ctx = Context(task=task, dataset=dataset, home=Path(home), train=train, prices=prices)
+    ctx = Context(task=task, dataset=dataset, home=Path(home), train=train, prices=prices, store=store)
     results: list[CandidateResult] = []
     outputs_by_spec: dict[str, list[str]] = {}
     for spec in specs:

@@ -7,9 +7,7 @@ A candidate is anything that answers a task's inputs. It is addressed by a spec 
     replay                   the outputs recorded in the traces (the frontier model as it was)
     hf:ID_OR_PATH            a local causal LM (zero-/k-shot; constrained label decoding)
     knn:minilm               embedding nearest neighbour over the train split
-
-Specialists trained by protege plug in the same way, as `run:RUN_ID`, once the training
-stage registers that scheme.
+    run:RUN_ID               a specialist trained by protege (`protege train`)
 
 Built-ins register through `register_candidate`, the same hook a plugin uses.
 """
@@ -50,6 +48,8 @@ class Context:
     home: Path
     train: list[dict] = field(default_factory=list)
     prices: Any = None
+    store: Any = None
+    """The store the bench runs on (run:RUN_ID candidates look themselves up in it)."""
 
 
 class Candidate(Protocol):
@@ -85,7 +85,7 @@ def build_candidate(spec: str, ctx: Context) -> Candidate:
     if scheme not in _REGISTRY:
         known = sorted(k for k in _REGISTRY if not k.startswith("_"))
         raise ProtegeError(f"unknown candidate {spec!r}: the scheme must be one of {', '.join(known)} "
-                           "(e.g. openai:gpt-4o-mini@https://api.openai.com/v1, replay, hf:smollm2-135m, knn:minilm)")
+                           "(e.g. openai:gpt-4o-mini@https://api.openai.com/v1, replay, hf:smollm2-135m, knn:minilm, run:RUN_ID)")
     return _REGISTRY[scheme](rest, options, ctx)
 
 
@@ -101,6 +101,6 @@ def option(options: dict[str, str], key: str, default, cast=str, spec: str = "")
 def _load_builtins() -> None:
     if _REGISTRY.get("_loaded"):
         return
-    from . import causal, knn, openai_api, replay  # noqa: F401  (each registers itself)
+    from . import causal, knn, openai_api, replay, trained  # noqa: F401  (each registers itself)
 
     _REGISTRY["_loaded"] = True  # type: ignore[assignment]

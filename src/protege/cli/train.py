@@ -1,0 +1,95 @@
+"""`protege train` and `protege runs`: post-train specialists and look at the runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import console, err, fmt, open_store, print_json, settings
+
+runs_app = typer.Typer(help="Training and bench runs.", no_args_is_help=True)
+
+
+def train_cmd(
+    ctx: typer.Context,
+    task_file: Path = typer.Argument(..., help="The task's YAML file."),
+    base: str = typer.Option(..., "--base", help="Base model: minilm, smollm2-135m, a Hugging Face id or a local path."),
+    method: str = typer.Option(..., "--method", help="classifier"),
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set lr=5e-5 (repeatable)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=0.1, help="Stop after this many minutes."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest)."),
+):
+    """Post-train a specialist on the task's frozen dataset; prints the run id to bench as run:RUN_ID."""
+    from ..datasets.registry import get_dataset
+    from ..tasks.spec import load_task
+    from ..train.recipe import load_recipe
+
+    task = load_task(task_file)
+    recipe = load_recipe(method, config, set_)
+    store = open_store(ctx)
+    ds = get_dataset(store, dataset or task.name)
+    s = settings(ctx)
+    if method == "classifier":
+        from ..train.classifier import train_classifier
+
+        run_id = train_classifier(store, task, ds, s.ensure_home(), base, recipe, time_budget_min=time_budget,
+                                  console=err)
+    from ..train.runs import get_run
+
+    run = get_run(store, run_id)
+    m = run["metrics"]
+    console.print(f"run [bold]{run_id}[/] done ({m['stop_reason']}): best validation accuracy "
+                  f"{m['best_val_accuracy']:.4f} at step {m['best_step']}, {m['wall_s']:.0f} s")
+    console.print(f"  model: {run['checkpoint_path']}")
+    console.print(f"  bench it: protege bench {task_file} -c run:{run_id} -c knn:minilm")
+
+
+@runs_app.command("list")
+def runs_list(
+    ctx: typer.Context,
+    task: Optional[str] = typer.Option(None, "--task"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="train | bench"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Runs, newest first."""
+    from ..train.runs import list_runs
+
+    rows = list_runs(open_store(ctx), task=task, kind=kind)
+    if as_json:
+        print_json(rows)
+        return
+    t = Table()
+    for col in ("id", "kind", "task", "status", "model / candidate", "dataset", "created"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(r["id"], r["kind"], r["task"] or "", r["status"], r["base_model"] or "", r["dataset_id"] or "",
+                  str(r["created_at"])[:19])
+    console.print(t)
+
+
+@runs_app.command("show")
+def runs_show(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., help="Run id or a unique prefix."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """One run: its full config (recipe, base, dataset hash, seed, versions, hardware) and metrics."""
+    from ..train.runs import get_run
+
+    run = get_run(open_store(ctx), run_id, kind=None)
+    if as_json:
+        print_json(run)
+        return
+    for key in ("id", "kind", "task", "status", "base_model", "dataset_id", "checkpoint_path", "outputs_path",
+                "error", "created_at", "finished_at"):
+        console.print(f"[bold]{key}[/]: {fmt(run[key]) if run[key] is None else run[key]}")
+    import json
+
+    console.print("[bold]config[/]:")
+    console.print_json(json.dumps(run["config"], default=str))
+    console.print("[bold]metrics[/]:")
+    console.print_json(json.dumps(run["metrics"], default=str))

@@ -1,0 +1,78 @@
+"""`run:RUN_ID`: a specialist trained by `protege train`, as a bench candidate.
+
+The run's output folder says which method made it (`protege.json`); classifiers answer
+with the most probable label and a probability for every label.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from ..errors import ProtegeError
+from .base import Context, Prediction, option, register_candidate
+
+
+class TrainedClassifier:
+    kind = "local"
+
+    def __init__(self, run_id: str, folder: Path, meta: dict, options: dict, ctx: Context):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.spec = f"run:{run_id}"
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForSequenceClassification.from_pretrained(folder)
+        self.model.eval()
+        self.labels = meta["labels"]
+        self.max_length = meta.get("max_length", 128)
+        self.batch_size = option(options, "batch_size", 64, int, self.spec)
+        if ctx.task.labels and set(ctx.task.labels) != set(self.labels):
+            raise ProtegeError(f"{self.spec} was trained on other labels than task {ctx.task.name} has")
+
+    def predict(self, rows, progress=None):
+        torch = self.torch
+        out = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input"]))
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            enc = self.tokenizer([rows[i]["input"] for i in idx], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            with torch.inference_mode():
+                probs = torch.softmax(self.model(**enc).logits.float(), dim=-1)
+            for r, i in enumerate(idx):
+                p = probs[r].tolist()
+                best = max(range(len(p)), key=p.__getitem__)
+                out[i] = Prediction(output=self.labels[best], confidence=p[best],
+                                    prompt_tokens=int(enc["attention_mask"][r].sum()), completion_tokens=0,
+                                    label_probs=dict(zip(self.labels, p)))
+            if progress:
+                progress(len(idx))
+        return out
+
+    def close(self):
+        pass
+
+
+def _factory(rest: str, options: dict, ctx: Context):
+    from ..traces.store import Store
+    from ..config import Settings
+    from ..train.runs import get_run
+
+    store = Store(Settings.resolve(home=ctx.home).database_url) if ctx.store is None else ctx.store
+    run = get_run(store, rest)
+    if run["status"] != "done":
+        raise ProtegeError(f"run {run['id']} is {run['status']}; only finished runs can be benched")
+    folder = Path(run["checkpoint_path"] or "")
+    meta_path = folder / "protege.json"
+    if not meta_path.exists():
+        raise ProtegeError(f"run {run['id']}: its model folder {folder} is missing or incomplete")
+    meta = orjson.loads(meta_path.read_bytes())
+    if meta.get("method") == "classifier":
+        return TrainedClassifier(run["id"], folder, meta, options, ctx)
+    raise ProtegeError(f"run {run['id']}: method {meta.get('method')!r} cannot be benched yet")
+
+
+register_candidate("run", _factory)

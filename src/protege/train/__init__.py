@@ -1,0 +1,1 @@
+"""Post-training: turn a frozen dataset into a specialist (a run the bench can score)."""

@@ -1,0 +1,119 @@
+"""Training: a tiny random model of the real architecture through the real entry point,
+one real MiniLM run on a slice, recipes and their errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from protege.errors import ProtegeError
+from protege.train.recipe import RecipeError, load_recipe
+from protege.train.runs import get_run
+from test_bench import LABELS, make_banking
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture
+def tiny_bert(tmp_path):
+    """A 1-layer, 32-wide BERT with MiniLM's tokenizer: the real architecture, random weights."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from protege.models.local import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    path = tmp_path / "tiny-bert"
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    from protege.traces.store import Store
+
+    s = Store(f"sqlite:///{tmp_path / 'train.db'}")
+    yield s
+    s.close()
+
+
+def test_tiny_classifier_writes_model_card_metrics_and_tensorboard(sqlite_store, tmp_path, home, tiny_bert, capsys):
+    from test_cli import run
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_bert,
+                         "--method", "classifier", "--set", "epochs=2", "--set", "eval_every=3",
+                         "--set", "batch_size=16")
+    assert code == 0, err
+    run_id = out.split("run ")[1].split()[0]
+    r = get_run(sqlite_store, run_id)
+    assert r["status"] == "done" and r["kind"] == "train" and r["dataset_id"] == ds["id"]
+    assert r["config"]["recipe"]["epochs"] == 2 and r["config"]["dataset_hash"] == ds["content_hash"]
+    assert r["config"]["environment"]["packages"]["torch"]
+    m = r["metrics"]
+    train_rows = m["train_rows"]
+    assert m["history"][0]["step"] == 0 and m["steps"] == -(-train_rows // 16) * 2
+    folder = Path(r["checkpoint_path"])
+    assert {"config.json", "model.safetensors", "protege.json", "README.md", "tokenizer.json"} <= \
+        {p.name for p in folder.iterdir()}
+    assert json.loads((folder / "protege.json").read_text())["labels"] == task.labels
+    assert "best validation accuracy" in (folder / "README.md").read_text()
+    assert list((folder.parent / "tensorboard").glob("events.out.tfevents.*"))
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=str(folder))
+    assert clf("where is my card")[0]["label"] in LABELS
+    code, out, _ = run(capsys, "--db", sqlite_store.url, "runs", "list", "--kind", "train", "--json")
+    assert [x["id"] for x in json.loads(out)] == [run_id]
+
+
+def test_minilm_classifier_learns_on_a_slice(sqlite_store, tmp_path, home):
+    from protege.bench.run import run_bench
+    from protege.train.classifier import train_classifier
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    recipe = load_recipe("classifier", overrides=["epochs=4", "init_head=random", "eval_every=4", "head_lr=5e-3"])
+    run_id = train_classifier(sqlite_store, task, ds, home, "minilm", recipe)
+    m = get_run(sqlite_store, run_id)["metrics"]
+    assert m["best_val_accuracy"] > m["history"][0]["val_accuracy"] + 0.3  # random head: near chance at step 0
+    report = run_bench(sqlite_store, task, ds, home, [f"run:{run_id}"], latency_samples=2)
+    [result] = report.results
+    assert result.metrics["accuracy"]["value"] >= 0.7  # chance is 1/6
+    assert all(set(p.label_probs) == set(task.labels) for p in result.outputs)
+
+
+def test_recipe_files_and_errors(tmp_path):
+    r = load_recipe("classifier", ROOT / "recipes" / "classifier.yaml", ["lr=5e-5"])
+    assert r.lr == 5e-5 and r.epochs == 3
+    first = (ROOT / "recipes" / "classifier.yaml").read_text().splitlines()[0]
+    assert first.startswith("# protege train ")
+    bad = tmp_path / "r.yaml"
+    bad.write_text("method: classifier\nepochs: -1\nlearning_rate: 3\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe("classifier", bad, ["batch_size=zero"])
+    msg = str(info.value)
+    assert msg.startswith("3 problem(s) in the classifier recipe")
+    assert f"{bad}:2: epochs: Input should be greater than 0" in msg
+    assert f"{bad}:3: learning_rate: unknown key" in msg
+    assert "--set batch_size: Input should be a valid integer" in msg
+    with pytest.raises(RecipeError, match="write KEY=VALUE"):
+        load_recipe("classifier", overrides=["lr"])
+    with pytest.raises(RecipeError, match="unknown method 'dpo'"):
+        load_recipe("dpo")
+
+
+def test_missing_base_model_names_the_path(sqlite_store, tmp_path, home, capsys):
+    from test_cli import run
+
+    task, _ = make_banking(sqlite_store, tmp_path, home)
+    code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", str(tmp_path / "nope"),
+                       "--method", "classifier")
+    assert code == 1 and f"model path {tmp_path / 'nope'} does not exist" in " ".join(err.split())
+    with pytest.raises(ProtegeError, match="not a Hugging Face model folder"):
+        from protege.models.local import resolve
+
+        resolve(str(tmp_path), home)
