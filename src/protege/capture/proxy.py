@@ -282,18 +282,8 @@ def build_proxy(settings, upstream: str, timeout_s: float = 600.0) -> ProxyApp:
     """The proxy app with its trace writer, from resolved settings. If the store cannot be
     opened now, the proxy still starts and spools traces until it can."""
     from ..prices import cached_prices
-    from ..traces.store import Store
 
-    settings.ensure_home()
-
-    def open_store():
-        return Store(settings.database_url)
-
-    try:
-        store = open_store()
-    except Exception:
-        store = None
-    writer = TraceWriter(store, settings.home / "spool", store_factory=open_store)
+    writer = TraceWriter.for_settings(settings)
     prices = cached_prices(str(settings.prices_path) if settings.prices_path else None)
     return ProxyApp(upstream, writer, prices=prices, timeout_s=timeout_s)
 

@@ -32,21 +32,10 @@ _SKIP_KWARGS = {"extra_headers", "extra_query", "extra_body", "timeout"}
 
 
 def _writer_for(settings: Settings) -> TraceWriter:
-    from ..traces.store import Store
-
     key = (settings.database_url, str(settings.home))
     with _writers_lock:
         if key not in _writers:
-            settings.ensure_home()
-
-            def open_store():
-                return Store(settings.database_url)
-
-            try:
-                store = open_store()
-            except Exception:
-                store = None
-            writer = TraceWriter(store, settings.home / "spool", store_factory=open_store)
+            writer = TraceWriter.for_settings(settings)
             atexit.register(writer.close)
             _writers[key] = writer
         return _writers[key]

@@ -53,6 +53,21 @@ class TraceWriter:
         self._thread = threading.Thread(target=self._run, name="protege-trace-writer", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def for_settings(cls, settings, **kwargs) -> "TraceWriter":
+        """A writer for the store and home folder in `settings`. If the store cannot be
+        opened now, the writer starts anyway and spools until it can."""
+        settings.ensure_home()
+
+        def open_store():
+            return Store(settings.database_url)
+
+        try:
+            store = open_store()
+        except Exception:
+            store = None
+        return cls(store, settings.home / "spool", store_factory=open_store, **kwargs)
+
     # -- caller side (cheap) ----------------------------------------------------------
 
     def submit(self, capture: Capture | TraceRecord) -> None:
