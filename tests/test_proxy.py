@@ -14,8 +14,6 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "where 
 
 
 def wait_for(predicate, timeout=10.0):
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
