@@ -25,7 +25,8 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(packages: list[str], extra_versions: dict[str, str] | None = None) -> dict:
+def machine_info(packages: list[str], extra_versions: dict[str, str | None] | None = None) -> dict:
+    """Call it before the benchmark starts: the load average then shows what else was running."""
     versions = {}
     for name in packages:
         try:
@@ -36,6 +37,7 @@ def machine_info(packages: list[str], extra_versions: dict[str, str] | None = No
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu_cores": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "packages": {**versions, **(extra_versions or {})},
@@ -64,7 +66,7 @@ def fmt(value) -> str:
     if isinstance(value, bool):
         return "[green]met[/]" if value else "[red]missed[/]"
     if isinstance(value, float):
-        return f"{value:,.2f}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.2f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
