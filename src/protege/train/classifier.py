@@ -25,21 +25,8 @@ from ..errors import ProtegeError
 from ..tasks.spec import Task
 from ..traces.store import Store
 from .recipe import ClassifierRecipe
+from .common import bucketed_batches, progress_bar, tensorboard, warmup_cosine
 from .runs import create_run, environment, update_run
-
-
-def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffle, then sort by length inside windows of 50 batches, then shuffle the batches:
-    similar lengths share a batch, yet every epoch's order differs."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * 50
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
 
 
 class _Collate:
@@ -102,7 +89,6 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
     if task.kind != "classification":
         raise ProtegeError(f"method classifier trains classification tasks; task {task.name} is {task.kind}")
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ..datasets.registry import load_split
@@ -148,36 +134,24 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
                                  {"params": head_params, "lr": recipe.head_lr}], weight_decay=recipe.weight_decay)
         steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
         total = max(1, int(steps_per_epoch * recipe.epochs))
-        warm = int(total * recipe.warmup_fraction)
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        tb = _tensorboard(folder / "tensorboard")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, recipe.warmup_fraction))
+        tb = tensorboard(folder / "tensorboard")
         best, best_step, stale, step = -1.0, 0, 0, 0
         history: list[dict] = []
-        t0 = time.monotonic()
-        deadline = t0 + time_budget_min * 60 if time_budget_min else None
         stop_reason = "completed"
         model.train()
-        columns = [TextColumn("training {task.fields[run]}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                   TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:.0f} ex/s"),
-                   TextColumn("val acc {task.fields[val]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         if val:  # the starting point, so the history shows what training bought
             start_acc = _accuracy(model, collate_val, enc_val, y_val, torch)
             history.append({"step": 0, "epoch": 0.0, "loss": None, "val_accuracy": start_acc, "elapsed_s": 0.0})
         t0 = time.monotonic()
         deadline = t0 + time_budget_min * 60 if time_budget_min else None
-        with Progress(*columns, console=console, transient=False) as bar:
+        with progress_bar(console) as bar:
             tid = bar.add_task("train", total=total, run=run_id[:13], loss=float("nan"), rate=0.0, val="—")
             epoch = 0
             seen = 0
             done = False
             while not done:
-                for batch in _batches([len(e) for e in enc_train], recipe.batch_size, rng):
+                for batch in bucketed_batches([len(e) for e in enc_train], recipe.batch_size, rng):
                     ids, mask = collate(batch)
                     out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([y_train[i] for i in batch]))
                     out.loss.backward()
@@ -248,14 +222,6 @@ def _save(model, tokenizer, path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
-
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: the store still has every metric
-        return None
-    return SummaryWriter(str(path))
 
 
 def _model_card(folder: Path, task: Task, dataset: dict, base: str, recipe, metrics: dict, run_id: str) -> None:

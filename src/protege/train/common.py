@@ -1,0 +1,51 @@
+"""Pieces every training method shares: length-bucketed batches, the LR schedule,
+TensorBoard, the progress bar."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, then sort by length inside windows of 50 batches, then shuffle the batches:
+    similar lengths share a batch (little padding), yet every epoch's order differs."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def warmup_cosine(total: int, warmup_fraction: float):
+    """Linear warm-up over `warmup_fraction` of the steps, then cosine decay to 0."""
+    warm = int(total * warmup_fraction)
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return schedule
+
+
+def tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: the store still has every metric
+        return None
+    return SummaryWriter(str(path))
+
+
+def progress_bar(console, unit: str = "ex"):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("training {task.fields[run]}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total} steps"), TextColumn("loss {task.fields[loss]:.3f}"),
+                    TextColumn("{task.fields[rate]:.0f} " + unit + "/s"), TextColumn("val {task.fields[val]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
