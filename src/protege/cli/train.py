@@ -17,7 +17,7 @@ def train_cmd(
     ctx: typer.Context,
     task_file: Path = typer.Argument(..., help="The task's YAML file."),
     base: str = typer.Option(..., "--base", help="Base model: minilm, smollm2-135m, a Hugging Face id or a local path."),
-    method: str = typer.Option(..., "--method", help="classifier"),
+    method: str = typer.Option(..., "--method", help="classifier | lora | full"),
     config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (see recipes/)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set lr=5e-5 (repeatable)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", min=0.1, help="Stop after this many minutes."),
@@ -38,12 +38,19 @@ def train_cmd(
 
         run_id = train_classifier(store, task, ds, s.ensure_home(), base, recipe, time_budget_min=time_budget,
                                   console=err)
+    else:
+        from ..train.sft import train_sft
+
+        run_id = train_sft(store, task, ds, s.ensure_home(), base, recipe, method, time_budget_min=time_budget,
+                           console=err)
     from ..train.runs import get_run
 
     run = get_run(store, run_id)
     m = run["metrics"]
-    console.print(f"run [bold]{run_id}[/] done ({m['stop_reason']}): best validation accuracy "
-                  f"{m['best_val_accuracy']:.4f} at step {m['best_step']}, {m['wall_s']:.0f} s")
+    metric = m.get("metric", "accuracy")
+    best = m.get("best_val_score", m.get("best_val_accuracy"))
+    console.print(f"run [bold]{run_id}[/] done ({m['stop_reason']}): best validation {metric} "
+                  f"{fmt(best, digits=4)} at step {m['best_step']}, {m['wall_s']:.0f} s")
     console.print(f"  model: {run['checkpoint_path']}")
     console.print(f"  bench it: protege bench {task_file} -c run:{run_id} -c knn:minilm")
 

@@ -65,7 +65,9 @@ class CausalLM:
     kind = "local"
 
     def __init__(self, name: str, options: dict[str, str], ctx: Context, *, spec: str | None = None,
-                 instructed_default: bool = True):
+                 instructed_default: bool = True, model=None, tokenizer=None):
+        """`model`/`tokenizer` given: use those objects (training evaluates its own model
+        this way) instead of loading `name`."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,13 +87,16 @@ class CausalLM:
         self.beam = option(options, "beam", 4, int, self.spec)
         self.max_new_tokens = option(options, "max_new_tokens", 48, int, self.spec)
         self.instructed = bool(option(options, "instructed", int(instructed_default), int, self.spec))
-        path = resolve(name, ctx.home)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        except OSError as exc:
-            raise ProtegeError(f"candidate {self.spec}: cannot load model {name!r}: {exc}") from None
-        self.model.eval()
+        if model is not None:
+            self.model, self.tokenizer = model, tokenizer
+        else:
+            path = resolve(name, ctx.home)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(path)
+                self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            except OSError as exc:
+                raise ProtegeError(f"candidate {self.spec}: cannot load model {name!r}: {exc}") from None
+            self.model.eval()
         self.torch = torch
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]

@@ -72,6 +72,12 @@ def _factory(rest: str, options: dict, ctx: Context):
     meta = orjson.loads(meta_path.read_bytes())
     if meta.get("method") == "classifier":
         return TrainedClassifier(run["id"], folder, meta, options, ctx)
+    if meta.get("method") in ("lora", "full"):
+        from .causal import CausalLM
+
+        # a fine-tuned specialist knows its task: it gets the task's own short prompt
+        return CausalLM(str(folder), {"instructed": "0", **options}, ctx, spec=f"run:{run['id']}",
+                        instructed_default=False)
     raise ProtegeError(f"run {run['id']}: method {meta.get('method')!r} cannot be benched yet")
 
 

@@ -45,7 +45,40 @@ class ClassifierRecipe(BaseModel):
     seed: int = 0
 
 
-RECIPES = {"classifier": ClassifierRecipe}
+class SFTRecipe(BaseModel):
+    """Supervised fine-tuning of a causal LM on (specialist prompt, reference) pairs, loss on
+    the completion only (methods `lora` and `full`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(16, ge=1)
+    """Sequences per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimiser step."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate (2e-4 suits LoRA; use about 2e-5 for full fine-tuning)."""
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(256, ge=16, le=32768)
+    """Tokens per example (prompt + completion); longer prompts lose their beginning."""
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    """Linear layers that get LoRA adapters (lora only)."""
+    eval_every: int = Field(100, ge=1)
+    """Score the validation split with the task's first metric every N optimiser steps."""
+    eval_rows: int = Field(200, ge=1)
+    """Validation rows scored at each evaluation (the first N)."""
+    early_stop_patience: int = Field(5, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    """Generation length when evaluating generation/extraction tasks."""
+    seed: int = 0
+
+
+RECIPES = {"classifier": ClassifierRecipe, "lora": SFTRecipe, "full": SFTRecipe}
 
 
 def _coerce(text: str) -> Any:
