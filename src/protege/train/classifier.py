@@ -115,8 +115,16 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
         path = resolve(base, home)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id)
+            from transformers.utils import logging as hf_logging
+
+            # the new head is "missing from the checkpoint" by design: keep that report quiet
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id)
+            finally:
+                hf_logging.set_verbosity(level)
         except OSError as exc:
             raise ProtegeError(f"base model {base!r}: cannot load it ({exc})") from None
         tok = lambda rows: [tokenizer(r["input"], truncation=True, max_length=recipe.max_length).input_ids  # noqa: E731
