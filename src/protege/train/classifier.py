@@ -25,7 +25,7 @@ from ..errors import ProtegeError
 from ..tasks.spec import Task
 from ..traces.store import Store
 from .recipe import ClassifierRecipe
-from .common import bucketed_batches, progress_bar, tensorboard, warmup_cosine
+from .common import Stopper, bucketed_batches, format_score, progress_bar, tensorboard, warmup_cosine
 from .runs import create_run, environment, update_run
 
 
@@ -144,21 +144,19 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
         total = max(1, int(steps_per_epoch * recipe.epochs))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, recipe.warmup_fraction))
         tb = tensorboard(folder / "tensorboard")
-        best, best_step, stale, step = -1.0, 0, 0, 0
+        step = 0
         history: list[dict] = []
-        stop_reason = "completed"
         model.train()
         if val:  # the starting point, so the history shows what training bought
             start_acc = _accuracy(model, collate_val, enc_val, y_val, torch)
             history.append({"step": 0, "epoch": 0.0, "loss": None, "val_accuracy": start_acc, "elapsed_s": 0.0})
         t0 = time.monotonic()
-        deadline = t0 + time_budget_min * 60 if time_budget_min else None
+        stop = Stopper(recipe.early_stop_patience, time_budget_min)
         with progress_bar(console) as bar:
             tid = bar.add_task("train", total=total, run=run_id[:13], loss=float("nan"), rate=0.0, val="—")
             epoch = 0
             seen = 0
-            done = False
-            while not done:
+            while not stop.done:
                 for batch in bucketed_batches([len(e) for e in enc_train], recipe.batch_size, rng):
                     ids, mask = collate(batch)
                     out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([y_train[i] for i in batch]))
@@ -176,7 +174,7 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
                         tb.add_scalar("train/lr", sched.get_last_lr()[0], step)
                     bar.update(tid, advance=1, loss=loss, rate=rate)
                     last = step >= total
-                    out_of_time = deadline is not None and time.monotonic() >= deadline
+                    out_of_time = stop.out_of_time()
                     if step % recipe.eval_every == 0 or last or out_of_time:
                         acc = _accuracy(model, collate_val, enc_val, y_val, torch) if val else float("nan")
                         history.append({"step": step, "epoch": step / steps_per_epoch, "loss": loss,
@@ -184,20 +182,12 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
                         if tb:
                             tb.add_scalar("val/accuracy", acc, step)
                         bar.update(tid, val=f"{acc:.4f}")
-                        if not val or acc > best:
-                            best, best_step, stale = acc, step, 0
+                        # without a validation split every evaluation counts as the best so far
+                        if stop.record(step, acc if val else float(step)):
                             _save(model, tokenizer, folder / "best")
-                        else:
-                            stale += 1
-                        update_run(store, run_id, metrics={"history": history, "best_val_accuracy": best,
-                                                           "best_step": best_step})
-                        if stale >= recipe.early_stop_patience:
-                            stop_reason, done = "early stop", True
-                    if out_of_time and not done:
-                        stop_reason, done = "time budget", True
-                    if last:
-                        done = True
-                    if done:
+                        update_run(store, run_id, metrics={"history": history, "best_val_accuracy": stop.best if val else None,
+                                                           "best_step": stop.best_step})
+                    if stop.end_of_step(last, out_of_time):
                         break
                 epoch += 1
         if tb:
@@ -210,8 +200,8 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
         (final / "protege.json").write_bytes(orjson.dumps({"method": "classifier", "labels": labels,
                                                            "max_length": recipe.max_length, "task": task.name,
                                                            "run_id": run_id}))
-        metrics = {"history": history, "best_val_accuracy": best, "best_step": best_step, "steps": step,
-                   "stop_reason": stop_reason, "wall_s": wall, "train_examples_per_s": seen / wall if wall else None,
+        metrics = {"history": history, "best_val_accuracy": stop.best if val else None,
+                   "best_step": stop.best_step, "steps": step, "stop_reason": stop.reason, "wall_s": wall, "train_examples_per_s": seen / wall if wall else None,
                    "train_rows": len(train), "validation_rows": len(val)}
         _model_card(final, task, dataset, base, recipe, metrics, run_id)
         update_run(store, run_id, status="done", metrics=metrics)
@@ -238,7 +228,7 @@ def _model_card(folder: Path, task: Task, dataset: dict, base: str, recipe, metr
              f"(hash `{dataset['content_hash'][:16]}`): {metrics['train_rows']:,} train rows, "
              f"{metrics['validation_rows']:,} validation rows.", "",
              "| figure | value |", "| --- | --- |",
-             f"| best validation accuracy | {metrics['best_val_accuracy']:.4f} (step {metrics['best_step']}) |",
+             f"| best validation accuracy | {format_score(metrics['best_val_accuracy'])} (step {metrics['best_step']}) |",
              f"| steps | {metrics['steps']} ({metrics['stop_reason']}) |",
              f"| training wall time | {metrics['wall_s']:.0f} s |",
              f"| training throughput | {metrics['train_examples_per_s']:.0f} examples/s |", "",

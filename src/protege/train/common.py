@@ -49,3 +49,42 @@ def progress_bar(console, unit: str = "ex"):
                     TextColumn("{task.completed}/{task.total} steps"), TextColumn("loss {task.fields[loss]:.3f}"),
                     TextColumn("{task.fields[rate]:.0f} " + unit + "/s"), TextColumn("val {task.fields[val]}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+class Stopper:
+    """When a training loop stops: best validation score so far, early stop after
+    `patience` evaluations without improvement, and an optional time budget."""
+
+    def __init__(self, patience: int, time_budget_min: float | None, best: float = float("-inf")):
+        import time
+
+        self._clock = time.monotonic
+        self.patience = patience
+        self.deadline = self._clock() + time_budget_min * 60 if time_budget_min else None
+        self.best, self.best_step, self.stale = best, 0, 0
+        self.reason, self.done = "completed", False
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and self._clock() >= self.deadline
+
+    def record(self, step: int, score: float) -> bool:
+        """Note an evaluation; True when it is the best so far (keep this state)."""
+        if score > self.best:
+            self.best, self.best_step, self.stale = score, step, 0
+            return True
+        self.stale += 1
+        if self.stale >= self.patience:
+            self.reason, self.done = "early stop", True
+        return False
+
+    def end_of_step(self, last: bool, out_of_time: bool) -> bool:
+        """True when the loop must stop after this step."""
+        if out_of_time and not self.done:
+            self.reason, self.done = "time budget", True
+        if last:
+            self.done = True
+        return self.done
+
+
+def format_score(value: float | None) -> str:
+    return "unknown (no validation rows)" if value is None else f"{value:.4f}"

@@ -29,7 +29,7 @@ from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric
 from ..tasks.spec import Task
 from ..traces.store import Store
-from .common import bucketed_batches, progress_bar, tensorboard, warmup_cosine
+from .common import Stopper, bucketed_batches, format_score, progress_bar, tensorboard, warmup_cosine
 from .recipe import SFTRecipe
 from .runs import create_run, environment, update_run
 
@@ -119,18 +119,16 @@ def train_sft(store: Store, task: Task, dataset: dict, home: Path, base: str, re
         if val:
             history.append({"step": 0, "loss": None, "val_score": _evaluate(model, tokenizer, task, val, home, recipe),
                             "elapsed_s": 0.0})
-        best = history[0]["val_score"] if history else float("-inf")
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or method == "full"}
-        best_step, stale, step, micro, tokens = 0, 0, 0, 0, 0
-        stop_reason = "completed"
+        step, micro, tokens = 0, 0, 0
         model.train()
         t0 = time.monotonic()
-        deadline = t0 + time_budget_min * 60 if time_budget_min else None
-        done = False
+        stop = Stopper(recipe.early_stop_patience, time_budget_min,
+                       best=history[0]["val_score"] if history else float("-inf"))
         with progress_bar(console, unit="tok") as bar:
             tid = bar.add_task("train", total=total, run=run_id[:13], loss=float("nan"), rate=0.0,
-                               val=f"{best:.4f}" if history else "—")
-            while not done:
+                               val=f"{stop.best:.4f}" if history else "—")
+            while not stop.done:
                 for batch in bucketed_batches([len(e[0]) for e in examples], recipe.batch_size, rng):
                     width = max(len(examples[i][0]) for i in batch)
                     ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -157,7 +155,7 @@ def train_sft(store: Store, task: Task, dataset: dict, home: Path, base: str, re
                         tb.add_scalar("train/lr", sched.get_last_lr()[0], step)
                     bar.update(tid, advance=1, loss=loss_value, rate=rate)
                     last = step >= total
-                    out_of_time = deadline is not None and time.monotonic() >= deadline
+                    out_of_time = stop.out_of_time()
                     if val and (step % recipe.eval_every == 0 or last or out_of_time):
                         score = _evaluate(model, tokenizer, task, val, home, recipe)
                         history.append({"step": step, "loss": loss_value, "val_score": score,
@@ -165,31 +163,22 @@ def train_sft(store: Store, task: Task, dataset: dict, home: Path, base: str, re
                         if tb:
                             tb.add_scalar(f"val/{task.metric_names[0]}", score, step)
                         bar.update(tid, val=f"{score:.4f}")
-                        if score > best:
-                            best, best_step, stale = score, step, 0
+                        if stop.record(step, score):
                             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()
                                           if k in best_state}
-                        else:
-                            stale += 1
-                        update_run(store, run_id, metrics={"history": history, "best_val_score": best,
-                                                           "best_step": best_step})
-                        if stale >= recipe.early_stop_patience:
-                            stop_reason, done = "early stop", True
-                    if out_of_time and not done:
-                        stop_reason, done = "time budget", True
-                    if last:
-                        done = True
-                    if done:
+                        update_run(store, run_id, metrics={"history": history, "best_val_score": stop.best,
+                                                           "best_step": stop.best_step})
+                    if stop.end_of_step(last, out_of_time):
                         break
         if tb:
             tb.close()
         wall = time.monotonic() - t0
         if not val:
-            best_state, best_step = {}, step  # nothing to choose with: keep the last weights
+            best_state, stop.best_step = {}, step  # nothing to choose with: keep the last weights
         model.load_state_dict(best_state, strict=False)
         _export(model, tokenizer, folder, method)
-        metrics = {"history": history, "metric": task.metric_names[0], "best_val_score": best, "best_step": best_step,
-                   "steps": step, "stop_reason": stop_reason, "wall_s": wall,
+        metrics = {"history": history, "metric": task.metric_names[0], "best_val_score": stop.best if val else None,
+                   "best_step": stop.best_step, "steps": step, "stop_reason": stop.reason, "wall_s": wall,
                    "train_tokens_per_s": tokens / wall if wall else None, "train_rows": len(train),
                    "validation_rows_scored": len(val)}
         (folder / "model" / "protege.json").write_bytes(orjson.dumps(
@@ -227,7 +216,7 @@ def _model_card(folder: Path, task: Task, dataset: dict, base: str, method: str,
              f"`{dataset['content_hash'][:16]}`), {metrics['train_rows']:,} train rows.", "",
              "| figure | value |", "| --- | --- |",
              f"| best validation {metrics['metric']} ({metrics['validation_rows_scored']} rows) | "
-             f"{metrics['best_val_score']:.4f} (step {metrics['best_step']}) |",
+             f"{format_score(metrics['best_val_score'])} (step {metrics['best_step']}) |",
              f"| steps | {metrics['steps']} ({metrics['stop_reason']}) |",
              f"| training wall time | {metrics['wall_s']:.0f} s |",
              f"| training throughput | {metrics['train_tokens_per_s']:.0f} tokens/s |", "",
