@@ -190,3 +190,26 @@ def test_smollm2_lora_learns_on_a_slice(sqlite_store, tmp_path, home):
     m = get_run(sqlite_store, run_id)["metrics"]
     # the untrained base, constrained to the six labels, already gets some right
     assert m["best_val_score"] >= m["history"][0]["val_score"] + 0.1
+
+
+def test_learning_curve_trains_nested_subsets(sqlite_store, tmp_path, home, tiny_bert, capsys):
+    from test_cli import run
+
+    from protege.train.common import nested_subset
+
+    rows = list(range(100))
+    assert set(nested_subset(rows, 0.25)) <= set(nested_subset(rows, 0.5)) and len(nested_subset(rows, 0.1)) == 10
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    code, out, err = run(capsys, "--db", sqlite_store.url, "curve", str(task.path), "--base", tiny_bert,
+                         "--method", "classifier", "--fractions", "1.0,0.5", "--set", "epochs=1", "--json")
+    assert code == 0, err
+    curve = json.loads(out)
+    pts = curve["points"]
+    assert [p["fraction"] for p in pts] == [0.5, 1.0] and pts[0]["train_rows"] < pts[1]["train_rows"]
+    assert all(p["metric"] == "accuracy" and p["ci95"][0] <= p["value"] <= p["ci95"][1] for p in pts)
+    stored = get_run(sqlite_store, curve["id"], kind="curve")
+    assert stored["metrics"]["points"] == pts
+    assert get_run(sqlite_store, pts[0]["run_id"])["config"]["train_fraction"] == 0.5
+    code, _, err = run(capsys, "--db", sqlite_store.url, "curve", str(task.path), "--base", tiny_bert,
+                       "--method", "classifier", "--fractions", "0,2")
+    assert code == 1 and "each fraction must be in (0, 1]" in err

@@ -19,7 +19,7 @@ from .bench import bench_cmd
 from .common import console, err, print_json, settings
 from .dataset import dataset_app
 from .traces import traces_app
-from .train import runs_app, train_cmd
+from .train import curve_cmd, runs_app, train_cmd
 
 app = typer.Typer(help="protege: turn frontier-model traces into a small specialist, and decide whether to train.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -27,6 +27,7 @@ app.add_typer(traces_app, name="traces")
 app.add_typer(dataset_app, name="dataset")
 app.command("bench")(bench_cmd)
 app.command("train")(train_cmd)
+app.command("curve")(curve_cmd)
 app.add_typer(runs_app, name="runs")
 
 

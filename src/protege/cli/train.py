@@ -55,11 +55,53 @@ def train_cmd(
     console.print(f"  bench it: protege bench {task_file} -c run:{run_id} -c knn:minilm")
 
 
+def curve_cmd(
+    ctx: typer.Context,
+    task_file: Path = typer.Argument(..., help="The task's YAML file."),
+    base: str = typer.Option(..., "--base", help="Base model: minilm, smollm2-135m, a Hugging Face id or a local path."),
+    method: str = typer.Option(..., "--method", help="classifier | lora | full"),
+    fractions: str = typer.Option("0.1,0.25,0.5,1.0", "--fractions", help="Shares of the train split, nested."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key (repeatable)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score on the first N test rows only."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Learning curve: train on nested subsets of the train split and score each on the benchmark."""
+    from ..datasets.registry import get_dataset
+    from ..tasks.spec import load_task
+    from ..train.curve import learning_curve, parse_fractions
+    from ..train.recipe import load_recipe
+
+    task = load_task(task_file)
+    recipe = load_recipe(method, config, set_)
+    points = parse_fractions(fractions)
+    store = open_store(ctx)
+    ds = get_dataset(store, dataset or task.name)
+
+    def show(p):
+        err.print(f"  {p['fraction']:.0%} of train ({p['train_rows']:,} rows): {p['metric']} {p['value']:.4f} "
+                  f"[{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]  run {p['run_id']}")
+
+    curve = learning_curve(store, task, ds, settings(ctx).ensure_home(), base, method, recipe, points, limit=limit,
+                           console=err, on_point=None if as_json else show)
+    if as_json:
+        print_json(curve)
+        return
+    t = Table(title=f"learning curve {curve['id']} ({method} on {base})")
+    for col in ("train share", "train rows", f"test {curve['metric']} (95% CI)", "train s", "run"):
+        t.add_column(col)
+    for p in curve["points"]:
+        t.add_row(f"{p['fraction']:.0%}", f"{p['train_rows']:,}", f"{p['value']:.4f} [{p['ci95'][0]:.4f}, "
+                  f"{p['ci95'][1]:.4f}]", f"{p['train_wall_s']:.0f}", p["run_id"])
+    console.print(t)
+
+
 @runs_app.command("list")
 def runs_list(
     ctx: typer.Context,
     task: Optional[str] = typer.Option(None, "--task"),
-    kind: Optional[str] = typer.Option(None, "--kind", help="train | bench"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="train | bench | curve"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Runs, newest first."""

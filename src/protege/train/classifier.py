@@ -25,7 +25,7 @@ from ..errors import ProtegeError
 from ..tasks.spec import Task
 from ..traces.store import Store
 from .recipe import ClassifierRecipe
-from .common import Stopper, bucketed_batches, format_score, progress_bar, tensorboard, warmup_cosine
+from .common import Stopper, bucketed_batches, format_score, nested_subset, progress_bar, tensorboard, warmup_cosine
 from .runs import create_run, environment, update_run
 
 
@@ -85,7 +85,8 @@ def _init_head_from_centroids(model, collate, encodings, labels, num_labels, tor
 
 
 def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: str, recipe: ClassifierRecipe,
-                     *, time_budget_min: float | None = None, console=None) -> str:
+                     *, time_budget_min: float | None = None, console=None,
+                     train_fraction: float | None = None) -> str:
     if task.kind != "classification":
         raise ProtegeError(f"method classifier trains classification tasks; task {task.name} is {task.kind}")
     import torch
@@ -96,12 +97,13 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
 
     labels = list(task.labels)
     label2id = {label: i for i, label in enumerate(labels)}
-    train = [r for r in load_split(dataset, "train") if r["reference"] in label2id]
+    train = nested_subset([r for r in load_split(dataset, "train") if r["reference"] in label2id], train_fraction)
     val = [r for r in load_split(dataset, "validation") if r["reference"] in label2id]
     if not train:
         raise ProtegeError(f"dataset {dataset['id']} has no train rows")
     config = {"method": "classifier", "recipe": recipe.model_dump(), "base": base, "dataset": dataset["id"],
               "dataset_hash": dataset["content_hash"], "time_budget_min": time_budget_min,
+              "train_fraction": train_fraction,
               "environment": environment()}
     runs_root = Path(home) / "runs"
     run_id = create_run(store, task=task.name, config=config, base_model=base, dataset_id=dataset["id"],

@@ -88,3 +88,14 @@ class Stopper:
 
 def format_score(value: float | None) -> str:
     return "unknown (no validation rows)" if value is None else f"{value:.4f}"
+
+
+def nested_subset(rows: list, fraction: float | None, seed: int = 0) -> list:
+    """The first `fraction` of the rows in one fixed shuffled order: the subset for 0.25 is
+    contained in the one for 0.5, so a learning curve measures more data, not other data."""
+    if fraction is None or fraction >= 1:
+        return rows
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    keep = sorted(order[:max(1, round(len(rows) * fraction))])
+    return [rows[i] for i in keep]

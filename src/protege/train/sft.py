@@ -29,7 +29,7 @@ from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric
 from ..tasks.spec import Task
 from ..traces.store import Store
-from .common import Stopper, bucketed_batches, format_score, progress_bar, tensorboard, warmup_cosine
+from .common import Stopper, bucketed_batches, format_score, nested_subset, progress_bar, tensorboard, warmup_cosine
 from .recipe import SFTRecipe
 from .runs import create_run, environment, update_run
 
@@ -65,19 +65,21 @@ def _evaluate(model, tokenizer, task: Task, rows: list[dict], home: Path, recipe
 
 
 def train_sft(store: Store, task: Task, dataset: dict, home: Path, base: str, recipe: SFTRecipe, method: str,
-              *, time_budget_min: float | None = None, console=None) -> str:
+              *, time_budget_min: float | None = None, console=None,
+                     train_fraction: float | None = None) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..datasets.registry import load_split
     from ..models.local import resolve
 
-    train = load_split(dataset, "train")
+    train = nested_subset(load_split(dataset, "train"), train_fraction)
     val = load_split(dataset, "validation")[:recipe.eval_rows]
     if not train:
         raise ProtegeError(f"dataset {dataset['id']} has no train rows")
     config = {"method": method, "recipe": recipe.model_dump(), "base": base, "dataset": dataset["id"],
               "dataset_hash": dataset["content_hash"], "time_budget_min": time_budget_min,
+              "train_fraction": train_fraction,
               "environment": environment()}
     run_id = create_run(store, task=task.name, config=config, base_model=base, dataset_id=dataset["id"], folder="")
     folder = Path(home) / "runs" / run_id

@@ -1,0 +1,64 @@
+"""Learning curves: the same method trained on nested subsets of the train split, each
+scored on the frozen benchmark. Stored as a `curve` run for the decision stage.
+
+    protege curve examples/banking77/task.yaml --base minilm --method classifier --fractions 0.1,0.25,0.5,1.0
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import ProtegeError
+from ..ids import uuid7
+from ..tasks.spec import Task
+from ..traces import schema
+from ..traces.store import Store
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        values = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ProtegeError(f"--fractions {text!r}: write comma-separated numbers, e.g. 0.1,0.25,0.5,1.0") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise ProtegeError(f"--fractions {text!r}: each fraction must be in (0, 1]")
+    return values
+
+
+def learning_curve(store: Store, task: Task, dataset: dict, home: Path, base: str, method: str, recipe,
+                   fractions: list[float], *, limit: int | None = None, console=None, on_point=None) -> dict:
+    from ..bench.run import run_bench
+    from .runs import get_run
+
+    if method == "classifier":
+        from .classifier import train_classifier as train
+    else:
+        from .sft import train_sft
+
+        def train(*args, **kwargs):
+            return train_sft(*args[:5], args[5], method, **kwargs)
+
+    metric = task.metric_names[0]
+    points = []
+    for fraction in fractions:
+        run_id = train(store, task, dataset, home, base, recipe, console=console, train_fraction=fraction)
+        run = get_run(store, run_id)
+        report = run_bench(store, task, dataset, home, [f"run:{run_id}"], limit=limit, latency_samples=1)
+        m = report.results[0].metrics[metric]
+        point = {"fraction": fraction, "train_rows": run["metrics"]["train_rows"], "run_id": run_id,
+                 "metric": metric, "value": m["value"], "ci95": m["ci95"], "test_rows": report.rows,
+                 "train_wall_s": run["metrics"]["wall_s"]}
+        points.append(point)
+        if on_point:
+            on_point(point)
+    curve_id = uuid7()
+    now = datetime.now(timezone.utc)
+    with store.engine.begin() as conn:
+        conn.execute(schema.runs.insert().values(
+            id=curve_id, kind="curve", task=task.name, status="done",
+            config={"method": method, "base": base, "fractions": fractions, "recipe": recipe.model_dump(),
+                    "dataset": dataset["id"], "test_rows": limit},
+            base_model=base, dataset_id=dataset["id"], metrics={"metric": metric, "points": points},
+            created_at=now, finished_at=now))
+    return {"id": curve_id, "metric": metric, "points": points}
