@@ -26,7 +26,7 @@ from ..tasks.spec import Task
 from ..traces.store import Store
 from .recipe import ClassifierRecipe
 from .common import Stopper, bucketed_batches, format_score, nested_subset, progress_bar, tensorboard, warmup_cosine
-from .runs import create_run, environment, update_run
+from .runs import start_training_run, update_run
 
 
 class _Collate:
@@ -101,16 +101,9 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
     val = [r for r in load_split(dataset, "validation") if r["reference"] in label2id]
     if not train:
         raise ProtegeError(f"dataset {dataset['id']} has no train rows")
-    config = {"method": "classifier", "recipe": recipe.model_dump(), "base": base, "dataset": dataset["id"],
-              "dataset_hash": dataset["content_hash"], "time_budget_min": time_budget_min,
-              "train_fraction": train_fraction,
-              "environment": environment()}
-    runs_root = Path(home) / "runs"
-    run_id = create_run(store, task=task.name, config=config, base_model=base, dataset_id=dataset["id"],
-                        folder="")
-    folder = runs_root / run_id
-    folder.mkdir(parents=True, exist_ok=True)
-    update_run(store, run_id, checkpoint_path=str((folder / "model").resolve()))
+    run_id, folder = start_training_run(store, home, task=task.name, dataset=dataset, base=base, method="classifier",
+                                        recipe=recipe, time_budget_min=time_budget_min,
+                                        train_fraction=train_fraction)
     try:
         torch.manual_seed(recipe.seed)
         rng = random.Random(recipe.seed)

@@ -38,13 +38,23 @@ def environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "packages": versions, "hardware": hw}
 
 
-def create_run(store: Store, *, task: str, config: dict, base_model: str, dataset_id: str, folder: str) -> str:
+def start_training_run(store: Store, home, *, task: str, dataset: dict, base: str, method: str, recipe,
+                       time_budget_min: float | None, train_fraction: float | None):
+    """Record a running training run with its full resolved config; returns (run id, its folder)."""
+    from pathlib import Path
+
+    config = {"method": method, "recipe": recipe.model_dump(), "base": base, "dataset": dataset["id"],
+              "dataset_hash": dataset["content_hash"], "time_budget_min": time_budget_min,
+              "train_fraction": train_fraction, "environment": environment()}
     run_id = uuid7()
+    folder = Path(home) / "runs" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
     with store.engine.begin() as conn:
         conn.execute(schema.runs.insert().values(
-            id=run_id, kind="train", task=task, status="running", config=config, base_model=base_model,
-            dataset_id=dataset_id, metrics={}, checkpoint_path=folder, created_at=datetime.now(timezone.utc)))
-    return run_id
+            id=run_id, kind="train", task=task, status="running", config=config, base_model=base,
+            dataset_id=dataset["id"], metrics={}, checkpoint_path=str((folder / "model").resolve()),
+            created_at=datetime.now(timezone.utc)))
+    return run_id, folder
 
 
 def update_run(store: Store, run_id: str, **values) -> None:
