@@ -27,7 +27,7 @@ from ..datasets.registry import load_split
 from ..errors import ProtegeError
 from ..ids import uuid7
 from ..models.base import Context, Prediction, build_candidate
-from ..tasks.metrics import Metric, get_metric
+from ..tasks.metrics import LabelMap, Metric, get_metric
 from ..tasks.spec import Task
 from ..traces import schema
 from ..traces.store import Store
@@ -83,10 +83,10 @@ def _nan_to_none(x):
 def _map_labels(task: Task, outputs: list[str]) -> tuple[list[str], float | None]:
     if task.kind != "classification":
         return outputs, None
-    folded = {label.casefold(): label for label in task.labels}
-    mapped = [folded.get(o.casefold(), o) for o in outputs]
-    valid = sum(1 for o in mapped if o in folded.values()) / len(mapped) if mapped else None
-    return mapped, valid
+    to_label = LabelMap(task.labels)
+    labels = [to_label(o) for o in outputs]
+    valid = sum(1 for label in labels if label is not None) / len(labels) if labels else None
+    return [label if label is not None else o for label, o in zip(labels, outputs)], valid
 
 
 def _judge_scores(task: Task, ctx: Context, rows, cand_out, ref_out) -> np.ndarray:

@@ -28,7 +28,7 @@ import orjson
 import sqlalchemy as sa
 
 from ..errors import ProtegeError
-from ..tasks.metrics import normalize_text
+from ..tasks.metrics import LabelMap, normalize_text
 from ..tasks.spec import Task
 from ..traces import schema
 from ..traces.store import Store
@@ -119,17 +119,6 @@ def _match(row: dict, task: Task) -> bool:
                 return False
     meta = row.get("metadata") or {}
     return all(meta.get(k) == v for k, v in f.metadata.items())
-
-
-class _LabelMap:
-    def __init__(self, labels: list[str]):
-        self.exact = set(labels)
-        self.folded = {label.casefold(): label for label in labels}
-
-    def __call__(self, text: str) -> str | None:
-        if text in self.exact:
-            return text
-        return self.folded.get(text.casefold())
 
 
 def _split(pool: list[dict], task: Task, has_test: bool) -> dict[str, list[dict]]:
@@ -229,7 +218,7 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
     step("drop error traces", len(selected), errors)
 
     # 2. extract and normalise
-    labels = _LabelMap(task.labels) if task.kind == "classification" else None
+    labels = LabelMap(task.labels) if task.kind == "classification" else None
     norm = task.normalize
 
     def prepare(rows: list[dict], name: str, from_file: bool) -> list[dict]:

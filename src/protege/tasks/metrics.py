@@ -38,6 +38,19 @@ def normalize_text(text: str | None, cfg: Normalize) -> str:
     return text
 
 
+class LabelMap:
+    """An output text as one of the task's labels: exact, else case-insensitive, else None."""
+
+    def __init__(self, labels: list[str]):
+        self.exact = set(labels)
+        self.folded = {label.casefold(): label for label in labels}
+
+    def __call__(self, text: str) -> str | None:
+        if text in self.exact:
+            return text
+        return self.folded.get(text.casefold())
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
