@@ -56,8 +56,7 @@ class CandidateResult:
     outputs: list[Prediction] = field(repr=False, default_factory=list)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "outputs"}
-        return d
+        return {k: v for k, v in self.__dict__.items() if k != "outputs"}
 
 
 @dataclass

@@ -100,6 +100,8 @@ class CausalLM:
         self.torch = torch
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self._prefix_ok: bool | None = None
+        """Whether prefix + suffix tokenise exactly as the whole prompt (checked on first use)."""
         shots = self._pick_shots(ctx.train)
         self._prefix_text = self._render(SENTINEL, shots).split(SENTINEL)[0]
         self._shots = shots
@@ -150,8 +152,6 @@ class CausalLM:
                 return ids
         self._prefix_ok = False
         return self.tokenizer(full, add_special_tokens=False).input_ids
-
-    _prefix_ok: bool | None = None
 
     def _cache_for(self, batch: int):
         torch = self.torch
