@@ -73,13 +73,13 @@ def test_tiny_classifier_writes_model_card_metrics_and_tensorboard(sqlite_store,
 
 def test_minilm_classifier_learns_on_a_slice(sqlite_store, tmp_path, home):
     from protege.bench.run import run_bench
-    from protege.train.classifier import train_classifier
+    from protege.train.api import train
 
     task, ds = make_banking(sqlite_store, tmp_path, home)
     recipe = load_recipe("classifier", overrides=["epochs=4", "init_head=random", "eval_every=4", "head_lr=5e-3"])
-    run_id = train_classifier(sqlite_store, task, ds, home, "minilm", recipe)
+    run_id = train(sqlite_store, task, ds, home, "minilm", "classifier", recipe)
     m = get_run(sqlite_store, run_id)["metrics"]
-    assert m["best_val_accuracy"] > m["history"][0]["val_accuracy"] + 0.3  # random head: near chance at step 0
+    assert m["best_val_score"] > m["history"][0]["val_score"] + 0.3  # random head: near chance at step 0
     report = run_bench(sqlite_store, task, ds, home, [f"run:{run_id}"], latency_samples=2)
     [result] = report.results
     assert result.metrics["accuracy"]["value"] >= 0.7  # chance is 1/6
@@ -181,12 +181,12 @@ def test_sft_encode_masks_the_prompt(tmp_path, home):
 
 
 def test_smollm2_lora_learns_on_a_slice(sqlite_store, tmp_path, home):
-    from protege.train.sft import train_sft
+    from protege.train.api import train
 
     task, ds = make_banking(sqlite_store, tmp_path, home)
     recipe = load_recipe("lora", ROOT / "recipes" / "lora.yaml", ["epochs=2", "eval_every=7", "eval_rows=24",
                                                                    "lr=1e-3"])
-    run_id = train_sft(sqlite_store, task, ds, home, "smollm2-135m", recipe, "lora")
+    run_id = train(sqlite_store, task, ds, home, "smollm2-135m", "lora", recipe)
     m = get_run(sqlite_store, run_id)["metrics"]
     # the untrained base, constrained to the six labels, already gets some right
     assert m["best_val_score"] >= m["history"][0]["val_score"] + 0.1
@@ -213,3 +213,173 @@ def test_learning_curve_trains_nested_subsets(sqlite_store, tmp_path, home, tiny
     code, _, err = run(capsys, "--db", sqlite_store.url, "curve", str(task.path), "--base", tiny_bert,
                        "--method", "classifier", "--fractions", "0,2")
     assert code == 1 and "each fraction must be in (0, 1]" in err
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+KILL_SCRIPT = """
+import os, sys
+from protege.datasets.registry import get_dataset
+from protege.tasks.spec import load_task
+from protege.train.api import train
+from protege.train.recipe import load_recipe
+from protege.traces.store import Store
+
+url, task_path, base, home, kill_at = sys.argv[1:6]
+store = Store(url)
+task = load_task(task_path)
+recipe = load_recipe("classifier", overrides=sys.argv[6:])
+
+def on_step(step):
+    if step == int(kill_at):
+        os.kill(os.getpid(), 9)  # no cleanup, no finally: like an OOM kill or a lost machine
+
+train(store, task, get_dataset(store, task.name), home, base, "classifier", recipe, on_step=on_step)
+"""
+
+
+def test_resume_after_kill_ends_with_the_same_weights(sqlite_store, tmp_path, home, tiny_bert, capsys):
+    import subprocess
+    import sys
+
+    from protege.train.api import train
+    from test_cli import run
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    # dropout stays on (0.1): the resumed run must restore the RNG, not only the weights
+    overrides = ["epochs=3", "eval_every=5", "batch_size=8", "init_head=random", "keep=last"]
+    full = train(sqlite_store, task, ds, home, tiny_bert, "classifier", load_recipe("classifier", overrides=overrides))
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, sqlite_store.url, str(task.path), tiny_bert, str(home),
+                           "17", *overrides], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    from protege.train.runs import list_runs
+
+    killed = next(r for r in list_runs(sqlite_store, kind="train") if r["id"] != full)
+    assert killed["status"] == "running"  # nothing got to say otherwise
+    assert (home / "runs" / killed["id"] / "checkpoint" / "state.pt").exists()
+    code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--resume", killed["id"][:20])
+    assert code == 0, err
+    done = get_run(sqlite_store, killed["id"])
+    assert done["status"] == "done" and done["metrics"]["resumed"]
+    assert not (home / "runs" / killed["id"] / "checkpoint").exists()
+    a, b = get_run(sqlite_store, full)["metrics"], done["metrics"]
+    assert a["steps"] == b["steps"] and a["best_step"] == b["best_step"]
+    assert [h["val_score"] for h in a["history"]] == [h["val_score"] for h in b["history"]]
+    _assert_same_weights(Path(get_run(sqlite_store, full)["checkpoint_path"]), Path(done["checkpoint_path"]), 1e-5)
+    code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--resume", killed["id"])
+    assert code == 1 and "already finished" in err
+    code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--resume", full, "--method", "lora")
+    assert code == 1 and "--method 'lora' differs from the run's 'classifier'" in " ".join(err.split())
+
+
+def test_two_processes_match_one(sqlite_store, tmp_path, home, capsys):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from protege.models.local import minilm_path
+    from test_cli import run
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)  # no dropout: the processes draw different masks
+    base = tmp_path / "tiny-bert-nodrop"
+    BertModel(cfg).save_pretrained(base)
+    tok.save_pretrained(base)
+    task, _ = make_banking(sqlite_store, tmp_path, home)
+    args = ["--db", sqlite_store.url, "train", str(task.path), "--base", str(base), "--method", "classifier",
+            "--set", "epochs=2", "--set", "batch_size=16", "--set", "eval_every=4", "--set", "keep=last"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    one = get_run(sqlite_store, out.split("run ")[1].split()[0])
+    code, out, err = run(capsys, *args, "--nproc", "2")
+    assert code == 0, err
+    from protege.train.runs import list_runs
+
+    two = list_runs(sqlite_store, kind="train")[0]
+    assert two["id"] != one["id"] and two["status"] == "done"
+    assert two["metrics"]["processes"] == 2 and two["config"]["processes"] == 2
+    assert two["metrics"]["steps"] == one["metrics"]["steps"]
+    _assert_same_weights(Path(one["checkpoint_path"]), Path(two["checkpoint_path"]), 1e-4)
+    assert [round(h["val_score"], 6) for h in one["metrics"]["history"]] == \
+        [round(h["val_score"], 6) for h in two["metrics"]["history"]]
+
+
+def test_distill_relabels_with_the_teacher_then_trains(sqlite_store, tmp_path, home, tiny_llama, capsys):
+    from protege.datasets.registry import load_split, manifest
+    from protege.testing import ScriptedUpstream
+    from test_cli import run
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    # the teacher answers every train input with one label: easy to tell its labels from the gold ones
+    up = ScriptedUpstream(model="teacher-1", reply=lambda req: "pin_blocked").start()
+    try:
+        teacher = f"openai:teacher-1@{up.url}?concurrency=2"
+        args = ["--db", sqlite_store.url, "train", str(task.path), "--base", tiny_llama, "--method", "distill",
+                "--set", f"teacher={teacher}", "--set", "epochs=1", "--set", "eval_rows=4", "--set", "batch_size=16"]
+        code, out, err = run(capsys, *args)
+        assert code == 0, err
+        run_id = out.split("run ")[1].split()[0]
+        r = get_run(sqlite_store, run_id)
+        assert r["config"]["method"] == "distill" and r["config"]["distilled_from"] == teacher
+        distilled = r["config"]["dataset"]
+        assert distilled != ds["id"] and distilled.startswith("bank6@")
+        from protege.datasets.registry import get_dataset
+
+        new = get_dataset(sqlite_store, distilled)
+        train_rows = load_split(new, "train")
+        assert len(train_rows) == len(load_split(ds, "train")) and {x["reference"] for x in train_rows} == {"pin_blocked"}
+        assert load_split(new, "test") == load_split(ds, "test")  # the benchmark keeps its references
+        assert manifest(new)["steps"][-1]["name"] == "distill"
+        calls = up.count
+        assert calls == len(train_rows)
+        code, out, err = run(capsys, *args)  # again: answers come from the cache, same dataset version
+        assert code == 0, err
+        assert up.count == calls
+        assert get_run(sqlite_store, out.split("run ")[1].split()[0])["config"]["dataset"] == distilled
+        assert json.loads((Path(r["checkpoint_path"]) / "protege.json").read_text())["method"] == "distill"
+        code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_llama,
+                           "--method", "distill")
+        assert code == 1 and "method distill needs a teacher" in err
+    finally:
+        up.stop()
+
+
+def test_grpo_on_top_of_sft_logs_rewards_and_benches(sqlite_store, tmp_path, home, tiny_llama, capsys):
+    from protege.bench.run import run_bench
+    from protege.train.grpo import reward_function
+    from test_cli import run
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_llama,
+                         "--method", "lora", "--set", "epochs=1", "--set", "eval_rows=4")
+    assert code == 0, err
+    sft = out.split("run ")[1].split()[0]
+    code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", f"run:{sft}",
+                         "--method", "grpo", "--set", "epochs=0.2", "--set", "batch_size=2", "--set", "group_size=3",
+                         "--set", "max_new_tokens=6", "--set", "eval_every=3", "--set", "eval_rows=4")
+    assert code == 0, err
+    run_id = out.split("run ")[1].split()[0]
+    r = get_run(sqlite_store, run_id)
+    m = r["metrics"]
+    assert r["config"]["base"] == f"run:{sft}" and m["reward"] == "accuracy"
+    logged = [h for h in m["history"] if h["step"] > 0]
+    assert logged and all(0 <= h["train_reward"] <= 1 and h["train_kl"] >= 0 for h in logged)
+    folder = Path(r["checkpoint_path"])
+    assert json.loads((folder / "protege.json").read_text())["method"] == "grpo"
+    report = run_bench(sqlite_store, task, ds, home, [f"run:{run_id}"], limit=3, latency_samples=1)
+    assert all(p.output in task.labels for p in report.results[0].outputs)
+    name, reward = reward_function(task, "chrf")
+    assert name == "chrf" and reward(["card arrival"], ["card_arrival"])[0] < 1.0
+    with pytest.raises(ProtegeError, match="not a per-example score"):
+        reward_function(task, "macro_f1")

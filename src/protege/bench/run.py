@@ -112,6 +112,17 @@ def _judge_scores(task: Task, ctx: Context, rows, cand_out, ref_out) -> np.ndarr
     return np.array(scores)
 
 
+def sample_rows(rows: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """`limit` rows drawn at random with a fixed seed, in their file order: the same rows for
+    every candidate and every run, and not just the first labels of a file sorted by label."""
+    if not limit or limit >= len(rows):
+        return rows
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
+
+
 def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[str], *,
               reference: str | None = None, hardware_usd_per_hour: float = DEFAULT_HARDWARE_USD_PER_HOUR,
               latency_samples: int = 30, limit: int | None = None, prices=None,
@@ -122,9 +133,7 @@ def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[s
     reference = reference or specs[0]
     if reference not in specs:
         specs = [reference] + specs
-    rows = load_split(dataset, "test")
-    if limit:
-        rows = rows[:limit]
+    rows = sample_rows(load_split(dataset, "test"), limit)
     if not rows:
         raise ProtegeError(f"dataset {dataset['id']} has no test rows")
     train = load_split(dataset, "train")

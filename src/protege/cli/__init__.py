@@ -82,7 +82,12 @@ def proxy_cmd(
     run_proxy(proxy, host=host, port=port)
 
 
+ARGV: list[str] = []
+"""The arguments of this invocation (`--nproc` relaunches the same command under torchrun)."""
+
+
 def main(argv: list[str] | None = None) -> None:
+    ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, prog_name="protege", standalone_mode=False)
     except ProtegeError as exc:

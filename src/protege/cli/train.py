@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..errors import ProtegeError
 from .common import console, err, fmt, open_store, print_json, settings
 
 runs_app = typer.Typer(help="Training and bench runs.", no_args_is_help=True)
@@ -16,41 +17,65 @@ runs_app = typer.Typer(help="Training and bench runs.", no_args_is_help=True)
 def train_cmd(
     ctx: typer.Context,
     task_file: Path = typer.Argument(..., help="The task's YAML file."),
-    base: str = typer.Option(..., "--base", help="Base model: minilm, smollm2-135m, a Hugging Face id or a local path."),
-    method: str = typer.Option(..., "--method", help="classifier | lora | full"),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: minilm, smollm2-135m, a Hugging Face id, "
+                                       "a local path, or run:RUN_ID (start from a trained run)."),
+    method: Optional[str] = typer.Option(None, "--method", help="classifier | lora | full | distill | grpo"),
     config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (see recipes/)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set lr=5e-5 (repeatable)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", min=0.1, help="Stop after this many minutes."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (DDP through torchrun; gloo on CPU, NCCL on GPUs)."),
+    resume_id: Optional[str] = typer.Option(None, "--resume", help="Go on with a killed run from its last checkpoint."),
 ):
     """Post-train a specialist on the task's frozen dataset; prints the run id to bench as run:RUN_ID."""
-    from ..datasets.registry import get_dataset
     from ..tasks.spec import load_task
-    from ..train.recipe import load_recipe
 
     task = load_task(task_file)
-    recipe = load_recipe(method, config, set_)
+    if nproc > 1:
+        from ..train.api import launch
+        from . import ARGV
+
+        code = launch(ARGV, nproc)
+        if code:
+            raise typer.Exit(code)
+        return
     store = open_store(ctx)
-    ds = get_dataset(store, dataset or task.name)
     s = settings(ctx)
-    if method == "classifier":
-        from ..train.classifier import train_classifier
+    if resume_id:
+        from ..train.api import resume
+        from ..train.runs import get_run
 
-        run_id = train_classifier(store, task, ds, s.ensure_home(), base, recipe, time_budget_min=time_budget,
-                                  console=err)
+        cfg = get_run(store, resume_id)["config"]
+        for flag, given, recorded in (("--base", base, cfg["base"]), ("--method", method, cfg["method"])):
+            if given is not None and given != recorded:
+                raise ProtegeError(f"{flag} {given!r} differs from the run's {recorded!r}; --resume continues the "
+                                   "run as it was started (leave {flag} out)")
+        if config or set_ or dataset or time_budget:
+            raise ProtegeError("--resume continues the run with its recorded recipe, dataset and budget; "
+                               "drop --config/--set/--dataset/--time-budget")
+        run_id = resume(store, task, s.ensure_home(), resume_id, console=err)
     else:
-        from ..train.sft import train_sft
+        if not base or not method:
+            raise ProtegeError("give --base and --method (or --resume RUN_ID)")
+        from ..datasets.registry import get_dataset
+        from ..prices import load_prices
+        from ..train.api import train
+        from ..train.recipe import load_recipe
 
-        run_id = train_sft(store, task, ds, s.ensure_home(), base, recipe, method, time_budget_min=time_budget,
-                           console=err)
+        recipe = load_recipe(method, config, set_)
+        ds = get_dataset(store, dataset or task.name)
+        run_id = train(store, task, ds, s.ensure_home(), base, method, recipe, time_budget_min=time_budget,
+                       console=err, prices=load_prices(s.prices_path))
+    import os
+
+    if int(os.environ.get("RANK", "0")):
+        return  # a torchrun worker other than rank 0: rank 0 reports
     from ..train.runs import get_run
 
     run = get_run(store, run_id)
     m = run["metrics"]
-    metric = m.get("metric", "accuracy")
-    best = m.get("best_val_score", m.get("best_val_accuracy"))
-    console.print(f"run [bold]{run_id}[/] done ({m['stop_reason']}): best validation {metric} "
-                  f"{fmt(best, digits=4)} at step {m['best_step']}, {m['wall_s']:.0f} s")
+    console.print(f"run [bold]{run_id}[/] done ({m['stop_reason']}): best validation {m.get('metric', 'score')} "
+                  f"{fmt(m.get('best_val_score'), digits=4)} at step {m['best_step']}, {m['wall_s']:.0f} s")
     console.print(f"  model: {run['checkpoint_path']}")
     console.print(f"  bench it: protege bench {task_file} -c run:{run_id} -c knn:minilm")
 
@@ -63,7 +88,7 @@ def curve_cmd(
     fractions: str = typer.Option("0.1,0.25,0.5,1.0", "--fractions", help="Shares of the train split, nested."),
     config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (see recipes/)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key (repeatable)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score on the first N test rows only."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score on a fixed random sample of N test rows."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):

@@ -329,6 +329,13 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
          "train/validation rows near-duplicating a test row were removed; 0 remain")
 
     # 7. freeze
+    return freeze_splits(store, task, home, splits, steps=steps, pii_counts=pii_counts, leakage=leakage,
+                         test_from=test_from)
+
+
+def freeze_splits(store: Store, task: Task, home: Path, splits: dict[str, list[dict]], *, steps: list[Step],
+                  pii_counts: dict, leakage: dict, test_from=None) -> BuildResult:
+    """Write the splits as a new content-addressed dataset version (or find the identical one)."""
     for name in SPLITS:
         for ex in splits[name]:
             ex.pop("has_gold", None)

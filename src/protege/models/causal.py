@@ -61,6 +61,24 @@ class _Trie:
             self.path[label] = path
 
 
+def eos_ids(model, tokenizer, spec: str = "model") -> list[int]:
+    """Every token that ends a chat reply for this model (end-of-turn markers, then EOS)."""
+    ids = []
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
+            ids.append(tid)
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    for e in (eos if isinstance(eos, list) else [eos]):
+        if e is not None and e not in ids:
+            ids.append(e)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ProtegeError(f"candidate {spec}: the tokenizer names no end-of-sequence token")
+    return ids
+
+
 class CausalLM:
     kind = "local"
 
@@ -98,7 +116,7 @@ class CausalLM:
                 raise ProtegeError(f"candidate {self.spec}: cannot load model {name!r}: {exc}") from None
             self.model.eval()
         self.torch = torch
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(self.model, self.tokenizer, self.spec)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self._prefix_ok: bool | None = None
         """Whether prefix + suffix tokenise exactly as the whole prompt (checked on first use)."""
@@ -112,22 +130,6 @@ class CausalLM:
             seqs = {label: self.tokenizer(label, add_special_tokens=False).input_ids + [self.eos_ids[0]]
                     for label in task.labels}
             self.trie = _Trie(seqs)
-
-    def _eos_ids(self) -> list[int]:
-        ids = []
-        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None and tid >= 0:
-                ids.append(tid)
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
-        for e in (eos if isinstance(eos, list) else [eos]):
-            if e is not None and e not in ids:
-                ids.append(e)
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        if not ids:
-            raise ProtegeError(f"candidate {self.spec}: the tokenizer names no end-of-sequence token")
-        return ids
 
     def _pick_shots(self, train: list[dict]) -> list[tuple[str, str]]:
         if not self.shots or not train:

@@ -72,7 +72,7 @@ def _factory(rest: str, options: dict, ctx: Context):
     meta = orjson.loads(meta_path.read_bytes())
     if meta.get("method") == "classifier":
         return TrainedClassifier(run["id"], folder, meta, options, ctx)
-    if meta.get("method") in ("lora", "full"):
+    if meta.get("method") in ("lora", "full", "distill", "grpo"):
         from .causal import CausalLM
 
         # a fine-tuned specialist knows its task: it gets the task's own short prompt

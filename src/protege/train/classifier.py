@@ -12,10 +12,7 @@ first steps already start near a nearest-centroid classifier. The output folder
 
 from __future__ import annotations
 
-import math
-import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +20,9 @@ import orjson
 
 from ..errors import ProtegeError
 from ..tasks.spec import Task
-from ..traces.store import Store
+from .common import format_score, nested_subset
+from .loop import Job
 from .recipe import ClassifierRecipe
-from .common import Stopper, bucketed_batches, format_score, nested_subset, progress_bar, tensorboard, warmup_cosine
-from .runs import start_training_run, update_run
 
 
 class _Collate:
@@ -84,9 +80,8 @@ def _init_head_from_centroids(model, collate, encodings, labels, num_labels, tor
     return True
 
 
-def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: str, recipe: ClassifierRecipe,
-                     *, time_budget_min: float | None = None, console=None,
-                     train_fraction: float | None = None) -> str:
+def classifier_job(task: Task, dataset: dict, home: Path, base: str, recipe: ClassifierRecipe, folder: Path,
+                   run_id: str, *, train_fraction: float | None = None) -> Job:
     if task.kind != "classification":
         raise ProtegeError(f"method classifier trains classification tasks; task {task.name} is {task.kind}")
     import torch
@@ -101,109 +96,59 @@ def train_classifier(store: Store, task: Task, dataset: dict, home: Path, base: 
     val = [r for r in load_split(dataset, "validation") if r["reference"] in label2id]
     if not train:
         raise ProtegeError(f"dataset {dataset['id']} has no train rows")
-    run_id, folder = start_training_run(store, home, task=task.name, dataset=dataset, base=base, method="classifier",
-                                        recipe=recipe, time_budget_min=time_budget_min,
-                                        train_fraction=train_fraction)
+    torch.manual_seed(recipe.seed)
+    path = resolve(base, home)
     try:
-        torch.manual_seed(recipe.seed)
-        rng = random.Random(recipe.seed)
-        path = resolve(base, home)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            from transformers.utils import logging as hf_logging
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        from transformers.utils import logging as hf_logging
 
-            # the new head is "missing from the checkpoint" by design: keep that report quiet
-            level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id)
-            finally:
-                hf_logging.set_verbosity(level)
-        except OSError as exc:
-            raise ProtegeError(f"base model {base!r}: cannot load it ({exc})") from None
-        tok = lambda rows: [tokenizer(r["input"], truncation=True, max_length=recipe.max_length).input_ids  # noqa: E731
-                            for r in rows]
-        enc_train, enc_val = tok(train), tok(val)
-        y_train = [label2id[r["reference"]] for r in train]
-        y_val = [label2id[r["reference"]] for r in val]
-        collate = _Collate(enc_train, tokenizer.pad_token_id or 0, torch)
-        collate_val = _Collate(enc_val, tokenizer.pad_token_id or 0, torch)
-        if recipe.init_head == "centroids":
-            _init_head_from_centroids(model, collate, enc_train, y_train, len(labels), torch)
-        head_params = [p for n, p in model.named_parameters() if n.startswith("classifier")]
-        body_params = [p for n, p in model.named_parameters() if not n.startswith("classifier")]
-        opt = torch.optim.AdamW([{"params": body_params, "lr": recipe.lr},
-                                 {"params": head_params, "lr": recipe.head_lr}], weight_decay=recipe.weight_decay)
-        steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
-        total = max(1, int(steps_per_epoch * recipe.epochs))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, recipe.warmup_fraction))
-        tb = tensorboard(folder / "tensorboard")
-        step = 0
-        history: list[dict] = []
-        model.train()
-        if val:  # the starting point, so the history shows what training bought
-            start_acc = _accuracy(model, collate_val, enc_val, y_val, torch)
-            history.append({"step": 0, "epoch": 0.0, "loss": None, "val_accuracy": start_acc, "elapsed_s": 0.0})
-        t0 = time.monotonic()
-        stop = Stopper(recipe.early_stop_patience, time_budget_min)
-        with progress_bar(console) as bar:
-            tid = bar.add_task("train", total=total, run=run_id[:13], loss=float("nan"), rate=0.0, val="—")
-            epoch = 0
-            seen = 0
-            while not stop.done:
-                for batch in bucketed_batches([len(e) for e in enc_train], recipe.batch_size, rng):
-                    ids, mask = collate(batch)
-                    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([y_train[i] for i in batch]))
-                    out.loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    seen += len(batch)
-                    loss = out.loss.detach().item()
-                    rate = seen / max(time.monotonic() - t0, 1e-6)
-                    if tb:
-                        tb.add_scalar("train/loss", loss, step)
-                        tb.add_scalar("train/lr", sched.get_last_lr()[0], step)
-                    bar.update(tid, advance=1, loss=loss, rate=rate)
-                    last = step >= total
-                    out_of_time = stop.out_of_time()
-                    if step % recipe.eval_every == 0 or last or out_of_time:
-                        acc = _accuracy(model, collate_val, enc_val, y_val, torch) if val else float("nan")
-                        history.append({"step": step, "epoch": step / steps_per_epoch, "loss": loss,
-                                        "val_accuracy": acc, "elapsed_s": time.monotonic() - t0})
-                        if tb:
-                            tb.add_scalar("val/accuracy", acc, step)
-                        bar.update(tid, val=f"{acc:.4f}")
-                        # without a validation split every evaluation counts as the best so far
-                        if stop.record(step, acc if val else float(step)):
-                            _save(model, tokenizer, folder / "best")
-                        update_run(store, run_id, metrics={"history": history, "best_val_accuracy": stop.best if val else None,
-                                                           "best_step": stop.best_step})
-                    if stop.end_of_step(last, out_of_time):
-                        break
-                epoch += 1
-        if tb:
-            tb.close()
-        wall = time.monotonic() - t0
+        # the new head is "missing from the checkpoint" by design: keep that report quiet
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id)
+        finally:
+            hf_logging.set_verbosity(level)
+    except OSError as exc:
+        raise ProtegeError(f"base model {base!r}: cannot load it ({exc})") from None
+    tok = lambda rows: [tokenizer(r["input"], truncation=True, max_length=recipe.max_length).input_ids  # noqa: E731
+                        for r in rows]
+    enc_train, enc_val = tok(train), tok(val)
+    y_train = [label2id[r["reference"]] for r in train]
+    y_val = [label2id[r["reference"]] for r in val]
+    collate = _Collate(enc_train, tokenizer.pad_token_id or 0, torch)
+    collate_val = _Collate(enc_val, tokenizer.pad_token_id or 0, torch)
+    if recipe.init_head == "centroids":
+        _init_head_from_centroids(model, collate, enc_train, y_train, len(labels), torch)
+    head_params = [p for n, p in model.named_parameters() if n.startswith("classifier")]
+    body_params = [p for n, p in model.named_parameters() if not n.startswith("classifier")]
+    y_all = torch.tensor(y_train)
+
+    class Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, idx, weight):
+            ids, mask = collate(idx)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            return torch.nn.functional.cross_entropy(logits, y_all[idx], reduction="sum") * weight
+
+    def export(best_state: dict, metrics: dict) -> Path:
         final = folder / "model"
-        if final.exists():
-            shutil.rmtree(final)
-        (folder / "best").rename(final)
+        _save(model, tokenizer, final)
         (final / "protege.json").write_bytes(orjson.dumps({"method": "classifier", "labels": labels,
                                                            "max_length": recipe.max_length, "task": task.name,
                                                            "run_id": run_id}))
-        metrics = {"history": history, "best_val_accuracy": stop.best if val else None,
-                   "best_step": stop.best_step, "steps": step, "stop_reason": stop.reason, "wall_s": wall, "train_examples_per_s": seen / wall if wall else None,
-                   "train_rows": len(train), "validation_rows": len(val)}
         _model_card(final, task, dataset, base, recipe, metrics, run_id)
-        update_run(store, run_id, status="done", metrics=metrics)
-        return run_id
-    except BaseException as exc:
-        update_run(store, run_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
-        raise
+        return final
+
+    return Job(method="classifier", model=model, loss_module=Loss(), lengths=[len(e) for e in enc_train],
+               count=len, evaluate=(lambda: _accuracy(model, collate_val, enc_val, y_val, torch)) if val else None,
+               export=export, unit="ex",
+               param_groups=[{"params": body_params, "lr": recipe.lr}, {"params": head_params, "lr": recipe.head_lr}],
+               metrics={"metric": "accuracy", "train_rows": len(train), "validation_rows": len(val)})
 
 
 def _save(model, tokenizer, path: Path) -> None:
@@ -223,10 +168,10 @@ def _model_card(folder: Path, task: Task, dataset: dict, base: str, recipe, metr
              f"(hash `{dataset['content_hash'][:16]}`): {metrics['train_rows']:,} train rows, "
              f"{metrics['validation_rows']:,} validation rows.", "",
              "| figure | value |", "| --- | --- |",
-             f"| best validation accuracy | {format_score(metrics['best_val_accuracy'])} (step {metrics['best_step']}) |",
+             f"| best validation accuracy | {format_score(metrics['best_val_score'])} (step {metrics['best_step']}) |",
              f"| steps | {metrics['steps']} ({metrics['stop_reason']}) |",
              f"| training wall time | {metrics['wall_s']:.0f} s |",
-             f"| training throughput | {metrics['train_examples_per_s']:.0f} examples/s |", "",
+             f"| training throughput | {metrics['throughput']} |", "",
              "Recipe:", "", "```yaml", *(f"{k}: {v}" for k, v in recipe.model_dump().items()), "```", "",
              "Load it with `transformers.pipeline(\"text-classification\", model=THIS_FOLDER)` or bench it as "
              f"`run:{run_id}`."]

@@ -29,20 +29,13 @@ def parse_fractions(text: str) -> list[float]:
 def learning_curve(store: Store, task: Task, dataset: dict, home: Path, base: str, method: str, recipe,
                    fractions: list[float], *, limit: int | None = None, console=None, on_point=None) -> dict:
     from ..bench.run import run_bench
+    from .api import train
     from .runs import get_run
-
-    if method == "classifier":
-        from .classifier import train_classifier as train
-    else:
-        from .sft import train_sft
-
-        def train(*args, **kwargs):
-            return train_sft(*args[:5], args[5], method, **kwargs)
 
     metric = task.metric_names[0]
     points = []
     for fraction in fractions:
-        run_id = train(store, task, dataset, home, base, recipe, console=console, train_fraction=fraction)
+        run_id = train(store, task, dataset, home, base, method, recipe, console=console, train_fraction=fraction)
         run = get_run(store, run_id)
         report = run_bench(store, task, dataset, home, [f"run:{run_id}"], limit=limit, latency_samples=1)
         m = report.results[0].metrics[metric]

@@ -39,13 +39,35 @@ class ClassifierRecipe(BaseModel):
     """Evaluate on the validation split every N optimiser steps (and at the end)."""
     early_stop_patience: int = Field(5, ge=1)
     """Stop after this many evaluations without a better validation score."""
+    save_every: int | None = Field(None, ge=1)
+    """Write a checkpoint for --resume every N steps (default: at every evaluation)."""
+    keep: Literal["best", "last"] = "best"
+    """Export the weights of the best validation score, or the last step's."""
     init_head: Literal["centroids", "random"] = "centroids"
     """Start the head from class centroids of the pooled features (converges in far fewer
     steps than a random head) or randomly."""
     seed: int = 0
 
 
-class SFTRecipe(BaseModel):
+class _Run(BaseModel):
+    """Keys every causal-LM method shares: checkpoints, which weights to keep, the seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    save_every: int | None = Field(None, ge=1)
+    """Write a checkpoint for --resume every N steps (default: at every evaluation)."""
+    keep: Literal["best", "last"] = "best"
+    """Export the weights of the best validation score, or the last step's."""
+    seed: int = 0
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    """Linear layers that get LoRA adapters (not used by method full)."""
+
+
+class SFTRecipe(_Run):
     """Supervised fine-tuning of a causal LM on (specialist prompt, reference) pairs, loss on
     the completion only (methods `lora` and `full`)."""
 
@@ -62,12 +84,6 @@ class SFTRecipe(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=16, le=32768)
     """Tokens per example (prompt + completion); longer prompts lose their beginning."""
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
-    """Linear layers that get LoRA adapters (lora only)."""
     eval_every: int = Field(100, ge=1)
     """Score the validation split with the task's first metric every N optimiser steps."""
     eval_rows: int = Field(200, ge=1)
@@ -75,10 +91,46 @@ class SFTRecipe(BaseModel):
     early_stop_patience: int = Field(5, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     """Generation length when evaluating generation/extraction tasks."""
-    seed: int = 0
 
 
-RECIPES = {"classifier": ClassifierRecipe, "lora": SFTRecipe, "full": SFTRecipe}
+class DistillRecipe(SFTRecipe):
+    """Relabel the train inputs with a teacher, then LoRA SFT on its answers (method `distill`)."""
+
+    teacher: str | None = None
+    """The teacher candidate, e.g. openai:gpt-4o-mini@https://api.openai.com/v1 (answers are cached)."""
+
+
+class GRPORecipe(_Run):
+    """RL from the task's own metric (method `grpo`), LoRA on top of the base or of an SFT run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    """Prompts per optimiser step."""
+    group_size: int = Field(4, ge=2)
+    """Completions sampled per prompt; each one's advantage is its reward against the group's."""
+    lr: float = Field(5e-5, gt=0)
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    beta: float = Field(0.04, ge=0)
+    """Weight of the KL penalty to the reference model (the starting policy)."""
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(48, ge=1)
+    max_length: int = Field(256, ge=16, le=32768)
+    """Prompt tokens kept (the beginning is cut)."""
+    reward: str | None = None
+    """Metric used as reward: a built-in name (exact_match, chrf, field_f1, ...) or module:function;
+    default: the task's first metric."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """No dropout by default: the policy that samples is the one that is scored."""
+    eval_every: int = Field(20, ge=1)
+    eval_rows: int = Field(100, ge=1)
+    early_stop_patience: int = Field(5, ge=1)
+
+
+RECIPES = {"classifier": ClassifierRecipe, "lora": SFTRecipe, "full": SFTRecipe, "distill": DistillRecipe,
+           "grpo": GRPORecipe}
 
 
 def _coerce(text: str) -> Any:

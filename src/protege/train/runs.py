@@ -39,13 +39,13 @@ def environment() -> dict[str, Any]:
 
 
 def start_training_run(store: Store, home, *, task: str, dataset: dict, base: str, method: str, recipe,
-                       time_budget_min: float | None, train_fraction: float | None):
+                       time_budget_min: float | None, train_fraction: float | None, extra: dict | None = None):
     """Record a running training run with its full resolved config; returns (run id, its folder)."""
     from pathlib import Path
 
     config = {"method": method, "recipe": recipe.model_dump(), "base": base, "dataset": dataset["id"],
               "dataset_hash": dataset["content_hash"], "time_budget_min": time_budget_min,
-              "train_fraction": train_fraction, "environment": environment()}
+              "train_fraction": train_fraction, "environment": environment(), **(extra or {})}
     run_id = uuid7()
     folder = Path(home) / "runs" / run_id
     folder.mkdir(parents=True, exist_ok=True)
