@@ -70,3 +70,22 @@ def fmt(value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def prepare(example: Path, task_name: str, home: str | None, prefix: str):
+    """A fresh home with the example's traces imported and its dataset built (the test file
+    as the benchmark): (store, task, dataset, home)."""
+    import tempfile
+
+    from protege.datasets.build import build_dataset
+    from protege.datasets.registry import get_dataset
+    from protege.tasks.spec import load_task
+    from protege.traces.importers import ImportOptions, import_file
+    from protege.traces.store import Store
+
+    home_path = Path(home or tempfile.mkdtemp(prefix=prefix))
+    store = Store(f"sqlite:///{home_path / 'protege.db'}")
+    import_file(store, example / "traces.jsonl.gz", ImportOptions(task=task_name))
+    task = load_task(example / "task.yaml")
+    ds = get_dataset(store, build_dataset(store, task, home_path, test_from=example / "test.jsonl.gz").id)
+    return store, task, ds, home_path

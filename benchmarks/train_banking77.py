@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
 
-from _common import RESULTS, machine_info, table, write_result
+from _common import prepare, RESULTS, machine_info, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "banking77"
@@ -42,20 +41,11 @@ def main() -> None:
     console = Console()
 
     from protege.bench.run import run_bench
-    from protege.datasets.build import build_dataset
-    from protege.datasets.registry import get_dataset
-    from protege.tasks.spec import load_task
-    from protege.traces.importers import ImportOptions, import_file
-    from protege.traces.store import Store
     from protege.train.api import train
     from protege.train.recipe import load_recipe
     from protege.train.runs import get_run
 
-    home = Path(args.home or tempfile.mkdtemp(prefix="protege-train-"))
-    store = Store(f"sqlite:///{home / 'protege.db'}")
-    import_file(store, EX / "traces.jsonl.gz", ImportOptions(task="banking77"))
-    task = load_task(EX / "task.yaml")
-    ds = get_dataset(store, build_dataset(store, task, home, test_from=EX / "test.jsonl.gz").id)
+    store, task, ds, home = prepare(EX, "banking77", args.home, "protege-train-")
     previous = RESULTS / "train_banking77.json"
     data = json.loads(previous.read_text()) if previous.exists() else {}
     data.update({"benchmark": "train_banking77", "machine": info})

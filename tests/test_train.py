@@ -89,8 +89,11 @@ def test_minilm_classifier_learns_on_a_slice(sqlite_store, tmp_path, home):
 def test_recipe_files_and_errors(tmp_path):
     r = load_recipe("classifier", ROOT / "recipes" / "classifier.yaml", ["lr=5e-5"])
     assert r.lr == 5e-5 and r.epochs == 3
-    first = (ROOT / "recipes" / "classifier.yaml").read_text().splitlines()[0]
-    assert first.startswith("# protege train ")
+    for method in ("classifier", "lora", "full", "distill", "grpo"):  # every method ships a valid recipe
+        path = ROOT / "recipes" / f"{method}.yaml"
+        assert path.read_text().splitlines()[0].startswith("# protege train ")
+        assert f"--method {method}" in path.read_text().splitlines()[0]
+        load_recipe(method, path)
     bad = tmp_path / "r.yaml"
     bad.write_text("method: classifier\nepochs: -1\nlearning_rate: 3\n")
     with pytest.raises(RecipeError) as info:

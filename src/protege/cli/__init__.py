@@ -16,6 +16,7 @@ from rich.table import Table
 from ..config import Settings
 from ..errors import ProtegeError
 from .bench import bench_cmd
+from .decide import decide_cmd
 from .common import console, err, print_json, settings
 from .dataset import dataset_app
 from .traces import traces_app
@@ -28,6 +29,7 @@ app.add_typer(dataset_app, name="dataset")
 app.command("bench")(bench_cmd)
 app.command("train")(train_cmd)
 app.command("curve")(curve_cmd)
+app.command("decide")(decide_cmd)
 app.add_typer(runs_app, name="runs")
 
 

@@ -115,6 +115,9 @@ class CausalLM:
             except OSError as exc:
                 raise ProtegeError(f"candidate {self.spec}: cannot load model {name!r}: {exc}") from None
             self.model.eval()
+        if model is None and torch.cuda.is_available():
+            self.model.to("cuda")
+        self.device = next(self.model.parameters()).device
         self.torch = torch
         self.eos_ids = eos_ids(self.model, self.tokenizer, self.spec)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
@@ -161,7 +164,7 @@ class CausalLM:
             return None, 0
         if self._prefix_cache is None:
             with torch.inference_mode():
-                out = self.model(torch.tensor([self._prefix_ids]), use_cache=True)
+                out = self.model(torch.tensor([self._prefix_ids], device=self.device), use_cache=True)
             self._prefix_cache = out.past_key_values
         cache = copy.deepcopy(self._prefix_cache)
         if batch > 1:
@@ -181,15 +184,17 @@ class CausalLM:
         for i, s in enumerate(suffixes):
             ids[i, :len(s)] = torch.tensor(s)
             mask[i, P:P + len(s)] = 1
-        lens = torch.tensor([len(s) for s in suffixes])
-        pos = (P + torch.arange(S)).unsqueeze(0).expand(B, S)
+        dev = self.device
+        lens = torch.tensor([len(s) for s in suffixes], device=dev)
+        pos = (P + torch.arange(S, device=dev)).unsqueeze(0).expand(B, S)
+        ids, mask = ids.to(dev), mask.to(dev)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        return out.logits[torch.arange(B), lens - 1], out.past_key_values, mask, P + lens
+        return out.logits[torch.arange(B, device=dev), lens - 1], out.past_key_values, mask, P + lens
 
     def _step(self, tokens: list[int], cache, mask, cur):
         torch = self.torch
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=torch.long)], dim=1)
-        out = self.model(input_ids=torch.tensor(tokens)[:, None], attention_mask=mask, position_ids=cur[:, None],
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=torch.long, device=mask.device)], dim=1)
+        out = self.model(input_ids=torch.tensor(tokens, device=mask.device)[:, None], attention_mask=mask, position_ids=cur[:, None],
                          past_key_values=cache, use_cache=True)
         return out.logits[:, -1], out.past_key_values, mask, cur + 1
 
@@ -255,7 +260,7 @@ class CausalLM:
                         tokens.append(tok)
                 if not new_live:
                     break
-                idx = torch.tensor(parents)
+                idx = torch.tensor(parents, device=self.device)
                 cache.reorder_cache(idx)
                 logits, cache, mask, cur = self._step(tokens, cache, mask[idx], cur[idx])
                 live = new_live
@@ -301,6 +306,7 @@ class CausalLM:
         mask = torch.zeros((B, 1, T, P + T), dtype=torch.float32)
         mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
         parents = [n for n in nodes if trie.children[n]]  # nodes whose output predicts a child
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
         with torch.inference_mode():
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                       use_cache=cache is not None).last_hidden_state

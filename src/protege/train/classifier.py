@@ -21,7 +21,7 @@ import orjson
 from ..errors import ProtegeError
 from ..tasks.spec import Task
 from .common import format_score, nested_subset
-from .loop import Job
+from .loop import Job, train_device
 from .recipe import ClassifierRecipe
 
 
@@ -48,8 +48,8 @@ def _accuracy(model, collate, encodings, labels, torch, batch_size=128) -> float
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             ids, mask = collate(idx)
-            pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-            correct += int((pred == torch.tensor([labels[i] for i in idx])).sum())
+            pred = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.argmax(-1)
+            correct += int((pred.cpu() == torch.tensor([labels[i] for i in idx])).sum())
     model.train()
     return correct / len(encodings) if encodings else float("nan")
 
@@ -65,11 +65,11 @@ def _init_head_from_centroids(model, collate, encodings, labels, num_labels, tor
     with torch.inference_mode():
         for s in range(0, len(order), 128):
             ids, mask = collate(order[s:s + 128])
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
     hook.remove()
     model.train()
     x = torch.cat(feats)
-    y = torch.tensor(labels)
+    y = torch.tensor(labels, device=x.device)
     mean = x.mean(0)
     centroids = torch.stack([(x[y == k].mean(0) if (y == k).any() else mean) for k in range(num_labels)]) - mean
     w = torch.nn.functional.normalize(centroids, dim=-1)
@@ -119,6 +119,7 @@ def classifier_job(task: Task, dataset: dict, home: Path, base: str, recipe: Cla
     y_val = [label2id[r["reference"]] for r in val]
     collate = _Collate(enc_train, tokenizer.pad_token_id or 0, torch)
     collate_val = _Collate(enc_val, tokenizer.pad_token_id or 0, torch)
+    model.to(train_device())
     if recipe.init_head == "centroids":
         _init_head_from_centroids(model, collate, enc_train, y_train, len(labels), torch)
     head_params = [p for n, p in model.named_parameters() if n.startswith("classifier")]
@@ -132,8 +133,9 @@ def classifier_job(task: Task, dataset: dict, home: Path, base: str, recipe: Cla
 
         def forward(self, idx, weight):
             ids, mask = collate(idx)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
-            return torch.nn.functional.cross_entropy(logits, y_all[idx], reduction="sum") * weight
+            dev = self.model.device
+            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+            return torch.nn.functional.cross_entropy(logits, y_all[idx].to(dev), reduction="sum") * weight
 
     def export(best_state: dict, metrics: dict) -> Path:
         final = folder / "model"

@@ -69,6 +69,8 @@ class GRPOLoss(torch.nn.Module):
         mask = torch.zeros((len(rows), P), dtype=torch.long)
         for r, p in enumerate(rows):
             ids[r, P - len(p):], mask[r, P - len(p):] = torch.tensor(p), 1
+        dev = next(self.model.parameters()).device
+        ids, mask = ids.to(dev), mask.to(dev)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
@@ -91,7 +93,7 @@ class GRPOLoss(torch.nn.Module):
         texts = [self.tokenizer.decode([t for t, k in zip(row.tolist(), kk.tolist()) if k and t not in self.eos],
                                        skip_special_tokens=True) for row, kk in zip(comp, keep)]
         refs = [self.refs[i] for i in idx for _ in range(G)]
-        rewards = torch.tensor(self.reward(texts, refs), dtype=torch.float32).view(len(idx), G)
+        rewards = torch.tensor(self.reward(texts, refs), dtype=torch.float32, device=comp.device).view(len(idx), G)
         adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
         full = torch.cat([ids, comp], dim=1)
         full_mask = torch.cat([mask, keep.long()], dim=1)

@@ -52,6 +52,8 @@ class Dist:
         import torch.distributed as td
 
         if not td.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if not torch.cuda.is_available():  # share the cores instead of oversubscribing them
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -75,7 +77,7 @@ class Dist:
         import torch
         import torch.distributed as td
 
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=train_device())
         td.all_reduce(t, op=td.ReduceOp.MAX)
         return bool(t.item())
 
@@ -87,6 +89,15 @@ class Dist:
         out: list = [None] * self.world
         td.all_gather_object(out, value)
         return out
+
+
+def train_device():
+    """This process's GPU under torchrun (LOCAL_RANK), the GPU when there is one, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 @dataclass
@@ -145,7 +156,8 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        trainer = DistributedDataParallel(trainer)
+        dev = train_device()
+        trainer = DistributedDataParallel(trainer, device_ids=[dev.index] if dev.type == "cuda" else None)
     save_every = getattr(recipe, "save_every", None) or recipe.eval_every
     ckpt = folder / "checkpoint"
     rng = random.Random(recipe.seed)

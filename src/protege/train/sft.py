@@ -28,7 +28,7 @@ from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric
 from ..tasks.spec import Task
 from .common import format_score, nested_subset
-from .loop import Job
+from .loop import Job, train_device
 from .recipe import SFTRecipe
 
 IGNORE = -100
@@ -119,7 +119,7 @@ def load_causal(base: str, home: Path, method: str, recipe: SFTRecipe):
             # peft 0.21 calls a transformers attribute transformers 5 deprecates; nothing for users to do
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = get_peft_model(model, lora)
-    return model, tokenizer
+    return model.to(train_device()), tokenizer
 
 
 def _causal_parts(model):
@@ -149,6 +149,8 @@ class CompletionLoss(torch.nn.Module):
         for r, i in enumerate(idx):
             x, y = self.examples[i]
             ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        dev = next(self.model.parameters()).device
+        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
         target = labels[:, 1:]
         keep = target != IGNORE
         if self.parts is None:

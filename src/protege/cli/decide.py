@@ -1,0 +1,73 @@
+"""`protege decide`: the train-or-not report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import console, err, open_store, print_json, settings
+
+
+def decide_cmd(
+    ctx: typer.Context,
+    task_file: Path = typer.Argument(..., help="The task's YAML file."),
+    monthly_requests: Optional[float] = typer.Option(None, "--monthly-requests", min=1,
+                                                     help="Your volume for this step: payback time and monthly costs."),
+    value_per_success: Optional[float] = typer.Option(None, "--value-per-success", min=0,
+                                                      help="USD a successful output is worth (Token Factor Productivity)."),
+    hardware_usd_per_hour: float = typer.Option(0.10, "--hardware-usd-per-hour", min=0,
+                                                help="Price of the machine that trains and serves the specialist."),
+    tolerance: float = typer.Option(0.02, "--tolerance", min=0, max=1,
+                                    help="Quality below the reference you accept, as a fraction (0.02 = 2 points)."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write the self-contained HTML report here."),
+    md_out: Optional[Path] = typer.Option(None, "--md", help="Write the Markdown report here."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Should we train? Quality, latency, cost, break-even, learning curve and a recommendation."""
+    from ..decide.analysis import Inputs, decide
+    from ..decide.report import html, markdown
+    from ..prices import cached_prices
+    from ..tasks.spec import load_task
+
+    task = load_task(task_file)
+    s = settings(ctx)
+    prices = cached_prices(str(s.prices_path) if s.prices_path else None)
+    inputs = Inputs(monthly_requests=monthly_requests, value_per_success=value_per_success,
+                    hardware_usd_per_hour=hardware_usd_per_hour, tolerance=tolerance)
+    d = decide(open_store(ctx), task, inputs, dataset=dataset, prices=prices, home=s.ensure_home())
+    text = markdown(d)
+    for path, content in ((html_out, html(d) if html_out else None), (md_out, text)):
+        if path is None:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(content, "utf-8")
+        tmp.replace(path)
+    if as_json:
+        data = d.as_dict()
+        if data.get("curve") and data["curve"].get("fit"):
+            data["curve"]["fit"].pop("_boot", None)
+        print_json(_finite(data))
+    else:
+        from rich.markdown import Markdown
+
+        console.print(Markdown(text))
+    for label, path in (("HTML report", html_out), ("Markdown report", md_out)):
+        if path is not None:
+            err.print(f"{label}: {path.resolve()}")
+
+
+def _finite(value):
+    """JSON has no Infinity: a figure that never arrives (payback at a loss) is null."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
