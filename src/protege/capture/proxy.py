@@ -301,9 +301,14 @@ class _QuietUpstreamCut:
 def run_proxy(app: ProxyApp, host: str = "127.0.0.1", port: int = 8787, log_level: str = "warning") -> None:
     import logging
 
+    logging.getLogger("uvicorn.error").addFilter(_QuietUpstreamCut())
+    run_asgi(app, host, port, log_level)
+
+
+def run_asgi(app, host: str, port: int, log_level: str = "warning") -> None:
+    """uvicorn with uvloop and httptools where installed, no access log: the proxy's and the server's loop."""
     import uvicorn
 
-    logging.getLogger("uvicorn.error").addFilter(_QuietUpstreamCut())
     try:
         import uvloop  # noqa: F401
 
@@ -312,4 +317,7 @@ def run_proxy(app: ProxyApp, host: str = "127.0.0.1", port: int = 8787, log_leve
         loop = "asyncio"
     config = uvicorn.Config(app, host=host, port=port, loop=loop, http="httptools", lifespan="on",
                             access_log=False, log_level=log_level, timeout_keep_alive=75)
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C / SIGINT it shut down on: a normal stop
+        pass

@@ -17,6 +17,7 @@ from ..config import Settings
 from ..errors import ProtegeError
 from .bench import bench_cmd
 from .decide import decide_cmd
+from .serve import route_app, serve_cmd
 from .common import console, err, print_json, settings
 from .dataset import dataset_app
 from .traces import traces_app
@@ -30,6 +31,8 @@ app.command("bench")(bench_cmd)
 app.command("train")(train_cmd)
 app.command("curve")(curve_cmd)
 app.command("decide")(decide_cmd)
+app.command("serve")(serve_cmd)
+app.add_typer(route_app, name="route")
 app.add_typer(runs_app, name="runs")
 
 
@@ -91,7 +94,9 @@ ARGV: list[str] = []
 def main(argv: list[str] | None = None) -> None:
     ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="protege", standalone_mode=False)
+        code = app(args=argv, prog_name="protege", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(N) comes back as a return value here
+            sys.exit(code)
     except ProtegeError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(1)

@@ -101,6 +101,12 @@ def _example(row: dict, group_by: str | None = None) -> dict | None:
     }
 
 
+def example_from_request(body: dict) -> dict | None:
+    """The dataset row a chat request would make (`input` is its last user message): what a
+    served specialist answers, exactly as it was trained."""
+    return _example({"request": body})
+
+
 def _match(row: dict, task: Task) -> bool:
     f = task.traces
     if f.models and row.get("model") not in f.models:

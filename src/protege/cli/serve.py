@@ -1,0 +1,90 @@
+"""`protege serve` and `protege route calibrate`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import ProtegeError
+from .common import console, err, open_store, print_json, settings
+
+route_app = typer.Typer(help="Cascade routing between a specialist and the frontier model.", no_args_is_help=True)
+
+
+def serve_cmd(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., help="run:RUN_ID, a run id, or a model folder made by protege train."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    fallback: Optional[str] = typer.Option(None, "--fallback", help="openai:MODEL@BASE_URL answering low-confidence requests."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0, max=1,
+                                              help="Below this confidence the fallback answers (protege route calibrate picks it)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PROTEGE_SERVE_API_KEY",
+                                          help="Require Authorization: Bearer KEY."),
+    task_file: Optional[Path] = typer.Option(None, "--task", help="The task file (default: the one the run recorded)."),
+    max_body_kb: int = typer.Option(1024, "--max-body-kb", min=1, help="Largest request accepted."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most requests answered in one model call."),
+    no_traces: bool = typer.Option(False, "--no-traces", help="Do not store served requests as traces."),
+):
+    """Serve a trained specialist behind an OpenAI-compatible endpoint, with the frontier model as fallback."""
+    from ..capture.writer import TraceWriter
+    from ..serve.app import Fallback, ServeApp, load_specialist, run_server
+
+    if (fallback is None) != (threshold is None):
+        raise ProtegeError("--fallback and --threshold go together: the fallback answers below the threshold")
+    s = settings(ctx)
+    store = open_store(ctx)
+    name, predict, task, run_id = load_specialist(target, store, s.ensure_home(),
+                                                  str(task_file) if task_file else None)
+    fb = Fallback(fallback) if fallback else None
+    writer = None if no_traces else TraceWriter.for_settings(s)
+    app = ServeApp(name, predict, task=task.name, writer=writer, fallback=fb, threshold=threshold, api_key=api_key,
+                   max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id)
+    route = f", below {threshold} → {fb.model}" if fb else ""
+    err.print(f"protege serve: {name} on http://{host}:{port}/v1{route}"
+              f"{'  (auth on)' if api_key else ''}  (traces: {'off' if no_traces else s.home})")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_server(app, host=host, port=port)
+
+
+@route_app.command("calibrate")
+def calibrate_cmd(
+    ctx: typer.Context,
+    task_file: Path = typer.Argument(..., help="The task's YAML file."),
+    run: str = typer.Argument(..., help="The specialist: run:RUN_ID or a run id."),
+    target: float = typer.Option(..., "--target", min=0, max=1, help="Quality the client must get (e.g. 0.95)."),
+    fallback_quality: float = typer.Option(1.0, "--fallback-quality", min=0, max=1,
+                                           help="The fallback's quality on these references (1.0: they are its answers)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="A fixed random sample of N validation rows."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Pick the --threshold for `protege serve` that reaches a target quality on the validation split."""
+    from ..serve.calibrate import calibrate, summary_points
+    from ..tasks.spec import load_task
+
+    task = load_task(task_file)
+    result = calibrate(open_store(ctx), task, settings(ctx).ensure_home(), run, target=target,
+                       fallback_quality=fallback_quality, dataset=dataset, limit=limit)
+    if as_json:
+        print_json(result)
+        return
+    t = Table(title=f"coverage / quality on {result['rows']:,} validation rows of {result['dataset']} ({result['metric']})")
+    for col in ("threshold", "specialist keeps", "quality of kept answers", "quality the client gets"):
+        t.add_column(col, justify="right")
+    for c in summary_points(result["curve"]):
+        t.add_row(f"{c['threshold']:.4f}", f"{c['coverage']:.0%}",
+                  "—" if c["kept_quality"] is None else f"{c['kept_quality']:.4f}", f"{c['cascade_quality']:.4f}")
+    console.print(t)
+    if result["threshold"] is None:
+        console.print(f"no threshold reaches {target}: even sending everything to the fallback gives "
+                      f"{fallback_quality}")
+        raise typer.Exit(1)
+    console.print(f"threshold [bold]{result['threshold']:.4f}[/]: the specialist answers {result['coverage']:.0%} of "
+                  f"requests; the client gets {result['metric']} {result['cascade_quality']:.4f} "
+                  f"(target {target}; the specialist alone: {result['specialist_alone']:.4f})")
+    console.print(f"  protege serve {run} --fallback openai:MODEL@URL --threshold {result['threshold']:.4f}")
