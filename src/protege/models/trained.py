@@ -56,20 +56,26 @@ class TrainedClassifier:
         pass
 
 
-def _factory(rest: str, options: dict, ctx: Context):
-    from ..traces.store import Store
-    from ..config import Settings
+def finished_run_model(store, run_id: str) -> tuple[dict, Path, dict]:
+    """(run, its model folder, its protege.json) of a finished training run."""
     from ..train.runs import get_run
 
-    store = Store(Settings.resolve(home=ctx.home).database_url) if ctx.store is None else ctx.store
-    run = get_run(store, rest)
+    run = get_run(store, run_id)
     if run["status"] != "done":
-        raise ProtegeError(f"run {run['id']} is {run['status']}; only finished runs can be benched")
+        raise ProtegeError(f"run {run['id']} is {run['status']}; only finished runs can be benched or served")
     folder = Path(run["checkpoint_path"] or "")
     meta_path = folder / "protege.json"
     if not meta_path.exists():
         raise ProtegeError(f"run {run['id']}: its model folder {folder} is missing or incomplete")
-    meta = orjson.loads(meta_path.read_bytes())
+    return run, folder, orjson.loads(meta_path.read_bytes())
+
+
+def _factory(rest: str, options: dict, ctx: Context):
+    from ..traces.store import Store
+    from ..config import Settings
+
+    store = Store(Settings.resolve(home=ctx.home).database_url) if ctx.store is None else ctx.store
+    run, folder, meta = finished_run_model(store, rest)
     if meta.get("method") == "classifier":
         return TrainedClassifier(run["id"], folder, meta, options, ctx)
     if meta.get("method") in ("lora", "full", "distill", "grpo"):

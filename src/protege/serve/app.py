@@ -401,21 +401,15 @@ def load_specialist(target: str, store, home, task_file: str | None = None):
     from pathlib import Path
 
     from ..models.base import Context
+    from ..models.trained import finished_run_model
     from ..tasks.spec import load_task
-    from ..train.runs import get_run
 
     run = None
     folder = Path(target)
-    if not (folder / "protege.json").exists():
-        rid = target[4:] if target.startswith("run:") else target
-        run = get_run(store, rid)
-        if run["status"] != "done":
-            raise ProtegeError(f"run {run['id']} is {run['status']}; serve a finished run")
-        folder = Path(run["checkpoint_path"] or "")
-    meta_path = folder / "protege.json"
-    if not meta_path.exists():
-        raise ProtegeError(f"{target}: not a protege model folder or run (no {meta_path})")
-    meta = orjson.loads(meta_path.read_bytes())
+    if (folder / "protege.json").exists():
+        meta = orjson.loads((folder / "protege.json").read_bytes())
+    else:
+        run, folder, meta = finished_run_model(store, target[4:] if target.startswith("run:") else target)
     if task_file is None and run is not None:
         task_file = run["config"].get("task_file") or None
         if not task_file and run.get("dataset_id"):
