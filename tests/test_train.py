@@ -213,6 +213,12 @@ def test_learning_curve_trains_nested_subsets(sqlite_store, tmp_path, home, tiny
     stored = get_run(sqlite_store, curve["id"], kind="curve")
     assert stored["metrics"]["points"] == pts
     assert get_run(sqlite_store, pts[0]["run_id"])["config"]["train_fraction"] == 0.5
+    # again: the runs with the same base, recipe, dataset and share are reused, not retrained
+    code, out, err = run(capsys, "--db", sqlite_store.url, "curve", str(task.path), "--base", tiny_bert,
+                         "--method", "classifier", "--fractions", "1.0,0.5,0.25", "--set", "epochs=1", "--json")
+    again = json.loads(out)["points"]
+    assert [p["run_id"] for p in again[1:]] == [p["run_id"] for p in pts] and again[0]["run_id"] not in \
+        {p["run_id"] for p in pts}
     code, _, err = run(capsys, "--db", sqlite_store.url, "curve", str(task.path), "--base", tiny_bert,
                        "--method", "classifier", "--fractions", "0,2")
     assert code == 1 and "each fraction must be in (0, 1]" in err

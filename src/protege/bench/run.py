@@ -119,15 +119,16 @@ def sample_rows(rows: list[dict], limit: int | None, seed: int = 0) -> list[dict
         return rows
     import random
 
-    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
-    return [rows[i] for i in keep]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)  # one fixed order: the sample of 600 lies inside the sample of 1,000
+    return [rows[i] for i in sorted(order[:limit])]
 
 
 def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[str], *,
               reference: str | None = None, hardware_usd_per_hour: float = DEFAULT_HARDWARE_USD_PER_HOUR,
               latency_samples: int = 30, limit: int | None = None, prices=None,
               progress: Callable[[str, int], Callable[[int], None]] | None = None,
-              on_result: Callable[[CandidateResult], None] | None = None) -> BenchReport:
+              on_result: Callable[[CandidateResult], None] | None = None, tag: str | None = None) -> BenchReport:
     if not specs:
         raise ProtegeError("name at least one --candidate (e.g. replay, knn:minilm, hf:smollm2-135m)")
     reference = reference or specs[0]
@@ -204,7 +205,7 @@ def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[s
             continue
         for name, m in metrics.items():
             result.paired[name] = paired(m, outputs_by_spec[result.spec], ref_outputs, refs).as_dict()
-    _store_runs(store, task, dataset, home, results, reference, rows, hardware_usd_per_hour)
+    _store_runs(store, task, dataset, home, results, reference, rows, hardware_usd_per_hour, tag)
     for result in results:
         if on_result:
             on_result(result)
@@ -216,7 +217,7 @@ def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[s
                        prices_as_of=prices_as_of, results=results)
 
 
-def _store_runs(store, task, dataset, home, results, reference, rows, hw) -> None:
+def _store_runs(store, task, dataset, home, results, reference, rows, hw, tag=None) -> None:
     now = datetime.now(timezone.utc)
     with store.engine.begin() as conn:
         for r in results:
@@ -232,7 +233,7 @@ def _store_runs(store, task, dataset, home, results, reference, rows, hw) -> Non
             conn.execute(schema.runs.insert().values(
                 id=r.run_id, kind="bench", task=task.name, status="done",
                 config={"candidate": r.spec, "reference": reference, "rows": len(rows),
-                        "hardware_usd_per_hour": hw, "dataset": dataset["id"]},
+                        "hardware_usd_per_hour": hw, "dataset": dataset["id"], "tag": tag},
                 base_model=r.spec, dataset_id=dataset["id"],
                 metrics={k: _clean(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
                 outputs_path=str((folder / "outputs.jsonl").resolve()), created_at=now, finished_at=now))

@@ -146,7 +146,9 @@ def decide(store: Store, task: Task, inputs: Inputs, *, dataset: str | None = No
     from ..datasets.registry import get_dataset, manifest
 
     ds = get_dataset(store, dataset or task.name)
-    benches = [r for r in _runs(store, task.name, "bench") if r["dataset_id"] == ds["id"]]
+    # a learning curve's benches score its points, not candidates for this decision
+    benches = [r for r in _runs(store, task.name, "bench")
+               if r["dataset_id"] == ds["id"] and (r["config"] or {}).get("tag") != "curve"]
     if not benches:
         raise ProtegeError(f"no bench runs for task {task.name} on dataset {ds['id']}: run `protege bench "
                            f"{task.path or 'TASK_FILE'} -c REFERENCE -c CANDIDATE ...` first")

@@ -26,6 +26,23 @@ def parse_fractions(text: str) -> list[float]:
     return values
 
 
+def reusable_run(store: Store, task: str, dataset_id: str, base: str, method: str, recipe,
+                 fraction: float) -> str | None:
+    """A finished training run with exactly this base, method, recipe, dataset and train share
+    (the full run a specialist came from is the curve's 100% point): trained once, used again."""
+    from .runs import list_runs
+
+    want = recipe.model_dump()
+    for r in list_runs(store, task=task, kind="train", limit=1000):
+        cfg = r["config"] or {}
+        share = cfg.get("train_fraction") or 1.0
+        if (r["status"] == "done" and r["dataset_id"] == dataset_id and cfg.get("base") == base
+                and cfg.get("method") == method and cfg.get("recipe") == want and abs(share - fraction) < 1e-9
+                and not cfg.get("time_budget_min")):
+            return r["id"]
+    return None
+
+
 def learning_curve(store: Store, task: Task, dataset: dict, home: Path, base: str, method: str, recipe,
                    fractions: list[float], *, limit: int | None = None, console=None, on_point=None) -> dict:
     from ..bench.run import run_bench
@@ -35,9 +52,11 @@ def learning_curve(store: Store, task: Task, dataset: dict, home: Path, base: st
     metric = task.metric_names[0]
     points = []
     for fraction in fractions:
-        run_id = train(store, task, dataset, home, base, method, recipe, console=console, train_fraction=fraction)
+        run_id = reusable_run(store, task.name, dataset["id"], base, method, recipe, fraction) or \
+            train(store, task, dataset, home, base, method, recipe, console=console, train_fraction=fraction)
         run = get_run(store, run_id)
-        report = run_bench(store, task, dataset, home, [f"run:{run_id}"], limit=limit, latency_samples=1)
+        report = run_bench(store, task, dataset, home, [f"run:{run_id}"], limit=limit, latency_samples=1,
+                           tag="curve")
         m = report.results[0].metrics[metric]
         point = {"fraction": fraction, "train_rows": run["metrics"]["train_rows"], "run_id": run_id,
                  "metric": metric, "value": m["value"], "ci95": m["ci95"], "test_rows": report.rows,
