@@ -12,7 +12,7 @@ import pytest
 from conftest import ServerThread
 from protege.testing import ScriptedUpstream
 from test_bench import make_banking
-from test_train import tiny_bert  # noqa: F401  (fixture)
+from test_train import tiny_bert, tiny_llama  # noqa: F401  (fixtures)
 
 KEY = "sk-serve-test"
 
@@ -219,3 +219,19 @@ def test_serve_command_runs_and_stops_cleanly(sqlite_store, tmp_path, home, trai
     assert proc.returncode == 0, err[-2000:]
     assert f"on http://127.0.0.1:{port}/v1" in err
     assert [t["source"] for t in sqlite_store.list_traces(source="serve")] == ["serve"]
+
+
+def test_serves_a_causal_lm_specialist(sqlite_store, tmp_path, home, tiny_llama):  # noqa: F811
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    run_id = train(sqlite_store, task, ds, home, tiny_llama, "lora",
+                   load_recipe("lora", overrides=["epochs=1", "eval_rows=4"]))
+    server, app, writer = make_server(sqlite_store, home, tmp_path, run_id)
+    with server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=chat("my card has not arrived"), timeout=60)
+        body = r.json()
+        assert r.status_code == 200 and body["choices"][0]["message"]["content"] in task.labels
+        assert 0 < body["protege"]["confidence"] <= 1 and body["usage"]["prompt_tokens"] > 0
+    writer.close()
