@@ -413,6 +413,13 @@ def _risk(candidates: list[Candidate], metric: str) -> dict:
 
 
 def _recommend(candidates, metric, inputs: Inputs, economics, curve: Curve | None, risk) -> tuple[str, list[str]]:
+    verdict, reasons = _verdict(candidates, metric, inputs, economics, curve, risk)
+    if verdict != "TRAIN" and risk.get("summary"):
+        reasons.append("Risk: " + risk["summary"] + ".")
+    return verdict, reasons
+
+
+def _verdict(candidates, metric, inputs: Inputs, economics, curve: Curve | None, risk) -> tuple[str, list[str]]:
     ref = next(c for c in candidates if c.role == "reference")
     r = ref.quality[metric]["value"]
     bar = r - inputs.tolerance
@@ -509,4 +516,9 @@ def _months(x) -> str:
         return "unknown"
     if math.isinf(x):
         return "never"
+    hours = x * 30.4 * 24
+    if hours < 1:
+        return "under an hour"
+    if hours < 48:
+        return f"{hours:.0f} hours"
     return f"{x * 30.4:.1f} days" if x < 1 else f"{x:.1f} months"

@@ -89,11 +89,16 @@ def quality_vs_cost(points: list[dict], metric: str) -> str:
     lo, hi = _range([p["lo"] for p in points] + [p["hi"] for p in points], floor=0, ceil=1)
     y = Axis(lo, hi, False, (H - B, T))
     out = _frame(title, x, y, "USD per 1M requests (log scale)", metric, xmoney=True, ypct=True)
-    for p in known:
-        px, c = x(p["cost"]), COLORS.get(p["role"], "#333")
+    placed: list[tuple[float, float]] = []
+    for p in sorted(known, key=lambda p: -p["value"]):
+        px, py, c = x(p["cost"]), y(p["value"]), COLORS.get(p["role"], "#333")
+        ly = py - 6
+        while any(abs(ly - qy) < 13 and abs(px - qx) < 160 for qx, qy in placed):  # keep labels apart
+            ly += 13
+        placed.append((px, ly))
         out.append(f'<line x1="{px:.1f}" y1="{y(p["lo"]):.1f}" x2="{px:.1f}" y2="{y(p["hi"]):.1f}" stroke="{c}" '
-                   f'stroke-width="2"/><circle cx="{px:.1f}" cy="{y(p["value"]):.1f}" r="5" fill="{c}"/>'
-                   f'<text x="{px + 8:.1f}" y="{y(p["value"]) - 6:.1f}" class="lbl">{escape(p["label"])}</text>')
+                   f'stroke-width="2"/><circle cx="{px:.1f}" cy="{py:.1f}" r="5" fill="{c}"/>'
+                   f'<text x="{px + 8:.1f}" y="{ly:.1f}" class="lbl">{escape(p["label"])}</text>')
     return "".join(out) + "</svg>"
 
 

@@ -79,7 +79,7 @@ class SFTRecipe(_Run):
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimiser step."""
     lr: float = Field(2e-4, gt=0)
-    """Peak learning rate (2e-4 suits LoRA; use about 2e-5 for full fine-tuning)."""
+    """Peak learning rate (2e-4 to 5e-4 suits LoRA; use about 2e-5 for full fine-tuning)."""
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=16, le=32768)
