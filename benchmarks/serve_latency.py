@@ -10,7 +10,9 @@ p50/p95 as the client sees it, and throughput. protege serve runs as users run i
 stored). The peer is what a team writes in ten minutes: FastAPI, one `pipeline(...)`
 created at start-up, a sync endpoint (FastAPI runs it in its thread pool), the same
 OpenAI-style request. The SmolLM2 peer generates greedily (max 12 new tokens) with the
-task's prompt; protege answers it with the decoding its bench uses.
+task's prompt; protege answers it with the decoding its bench uses. `protege serve
+--quantize int8` (dynamic int8 Linear layers) runs too, and the accuracy it costs is
+measured on the test split beside it; the targets are checked on the fp32 server.
 
 Without --*-run the script trains short runs first (a few minutes): latency does not depend
 on how well a model was trained. Targets (issue 5): MiniLM p50 at concurrency 1 <= 15 ms;
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument("--classifier-run", default=None)
     parser.add_argument("--lora-run", default=None)
     parser.add_argument("--skip-lora", action="store_true")
+    parser.add_argument("--quality-rows", type=int, default=300, help="test rows for the LoRA model's int8 quality")
     args = parser.parse_args()
     try:
         import fastapi  # noqa: F401
@@ -170,11 +173,11 @@ def main() -> None:
             continue
         folder = get_run(store, run_id)["checkpoint_path"]
         results[kind] = {"run_id": run_id}
-        for server in ("protege serve", "FastAPI + pipeline"):
+        for server in ("protege serve", "protege serve --quantize int8", "FastAPI + pipeline"):
             port = free_port()
-            if server == "protege serve":
+            if server.startswith("protege serve"):
                 cmd = [sys.executable, "-m", "protege", "--home", str(home), "serve", f"run:{run_id}", "--port",
-                       str(port)]
+                       str(port), *server.split()[2:]]
             else:
                 cmd = [sys.executable, "-c", PEER, kind, folder, str(port), task.prompt.system or ""]
             proc = start(cmd, port, env)
@@ -188,24 +191,40 @@ def main() -> None:
             finally:
                 stop(proc)
             results[kind][server] = rows
+    # what int8 costs in quality, measured like any candidate on the same test rows
+    from protege.bench.run import run_bench
+
+    for kind, res in results.items():
+        rid = res["run_id"]
+        report = run_bench(store, task, ds, home, [f"run:{rid}", f"run:{rid}?quantize=int8"], latency_samples=1,
+                           limit=None if kind == "classifier" else args.quality_rows)
+        fp32, int8 = report.results
+        res["quality"] = {"test_rows": report.rows, "fp32": fp32.metrics["accuracy"], "int8": int8.metrics["accuracy"],
+                          "int8_minus_fp32": int8.paired.get("accuracy")}
+        console.print(f"{kind}: accuracy fp32 {fp32.metrics['accuracy']['value']:.4f}, int8 "
+                      f"{int8.metrics['accuracy']['value']:.4f} on {report.rows} test rows")
     checks = {}
     table_rows = []
     for kind, res in results.items():
-        ours, peer = res["protege serve"], res["FastAPI + pipeline"]
-        for a, b in zip(ours, peer):
+        ours, peer, q8 = res["protege serve"], res["FastAPI + pipeline"], res["protege serve --quantize int8"]
+        for a, b, c in zip(ours, peer, q8):
             table_rows.append([kind, a["concurrency"], a["p50_ms"], a["p95_ms"], a["throughput_rps"], b["p50_ms"],
-                               b["p95_ms"], b["throughput_rps"], a["throughput_rps"] / b["throughput_rps"]])
+                               b["p95_ms"], b["throughput_rps"], a["throughput_rps"] / b["throughput_rps"],
+                               c["p50_ms"], c["throughput_rps"] / b["throughput_rps"]])
+        res["throughput_ratio_c8_int8"] = next(c for c in q8 if c["concurrency"] == 8)["throughput_rps"] / \
+            next(b for b in peer if b["concurrency"] == 8)["throughput_rps"]
         c8 = next(a for a in ours if a["concurrency"] == 8)["throughput_rps"] / \
             next(b for b in peer if b["concurrency"] == 8)["throughput_rps"]
         res["throughput_ratio_c8"] = c8
         res["max_throughput_rps"] = {"protege": max(a["throughput_rps"] for a in ours),
                                      "peer": max(b["throughput_rps"] for b in peer)}
         checks[f"{kind}_throughput_c8_at_least_2x_peer"] = c8 >= 2
+        checks[f"{kind}_int8_throughput_c8_at_least_2x_peer"] = res["throughput_ratio_c8_int8"] >= 2
     if "classifier" in results:
         checks["classifier_p50_c1_at_most_15ms"] = results["classifier"]["protege serve"][0]["p50_ms"] <= 15
     console.print(table("protege serve vs FastAPI + transformers pipeline (2 CPU cores)",
                         ["specialist", "concurrency", "protege p50 ms", "p95 ms", "req/s", "peer p50 ms", "p95 ms",
-                         "req/s", "throughput ratio"], table_rows))
+                         "req/s", "ratio", "int8 p50 ms", "int8 ratio"], table_rows))
     for name, ok in checks.items():
         console.print(f"{'met ' if ok else 'MISSED'}  {name}")
     console.print(f"wrote {write_result('serve_latency', {'benchmark': 'serve_latency', 'machine': info, 'results': results, 'checks': checks})}")

@@ -235,3 +235,24 @@ def test_serves_a_causal_lm_specialist(sqlite_store, tmp_path, home, tiny_llama)
         assert r.status_code == 200 and body["choices"][0]["message"]["content"] in task.labels
         assert 0 < body["protege"]["confidence"] <= 1 and body["usage"]["prompt_tokens"] > 0
     writer.close()
+
+
+def test_int8_quantized_specialist_is_a_bench_candidate_and_serves(sqlite_store, tmp_path, home, trained):
+    from protege.bench.run import run_bench
+    from protege.errors import ProtegeError
+    from protege.models.base import Context, build_candidate
+
+    task, ds, run_id = trained
+    report = run_bench(sqlite_store, task, ds, home, [f"run:{run_id}", f"run:{run_id}?quantize=int8"],
+                       latency_samples=2)
+    fp32, int8 = report.results
+    assert int8.spec.endswith("quantize=int8") and all(p.output in task.labels for p in int8.outputs)
+    # the tiny model's answers barely move under int8 weights
+    same = sum(a.output == b.output for a, b in zip(fp32.outputs, int8.outputs)) / len(fp32.outputs)
+    assert same >= 0.75
+    with pytest.raises(ProtegeError, match="quantize must be none or int8"):
+        build_candidate(f"run:{run_id}?quantize=int4", Context(task=task, dataset=ds, home=home, store=sqlite_store))
+    from protege.serve.app import load_specialist
+
+    name, predict, _, _ = load_specialist(f"run:{run_id}", sqlite_store, home, options={"quantize": "int8"})
+    assert name.endswith("-int8") and predict([{"input": "card"}])[0].output in task.labels

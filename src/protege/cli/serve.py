@@ -29,6 +29,8 @@ def serve_cmd(
     max_body_kb: int = typer.Option(1024, "--max-body-kb", min=1, help="Largest request accepted."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most requests answered in one model call."),
     no_traces: bool = typer.Option(False, "--no-traces", help="Do not store served requests as traces."),
+    quantize: str = typer.Option("none", "--quantize", help="none | int8: dynamic int8 Linear layers on CPU "
+                                 "(bench its quality first: -c run:ID?quantize=int8)."),
 ):
     """Serve a trained specialist behind an OpenAI-compatible endpoint, with the frontier model as fallback."""
     from ..capture.writer import TraceWriter
@@ -39,7 +41,7 @@ def serve_cmd(
     s = settings(ctx)
     store = open_store(ctx)
     name, predict, task, run_id = load_specialist(target, store, s.ensure_home(),
-                                                  str(task_file) if task_file else None)
+                                                  str(task_file) if task_file else None, {"quantize": quantize})
     fb = Fallback(fallback) if fallback else None
     writer = None if no_traces else TraceWriter.for_settings(s)
     app = ServeApp(name, predict, task=task.name, writer=writer, fallback=fb, threshold=threshold, api_key=api_key,

@@ -104,3 +104,19 @@ def _load_builtins() -> None:
     from . import causal, knn, openai_api, replay, trained  # noqa: F401  (each registers itself)
 
     _REGISTRY["_loaded"] = True  # type: ignore[assignment]
+
+
+def quantize_int8(model, spec: str = "model"):
+    """Dynamic int8 quantization of the Linear layers (weights int8, activations quantized on
+    the fly): about 2-3x faster on CPU for small encoders and LMs, at a small quality cost,
+    which the bench measures like any other candidate (`run:ID?quantize=int8`)."""
+    import warnings
+
+    import torch
+
+    if next(model.parameters()).device.type != "cpu":
+        raise ProtegeError(f"{spec}: quantize=int8 is for CPU serving; on a GPU serve the model as it is")
+    with warnings.catch_warnings():
+        # torch marks the eager-mode API deprecated in favour of torchao; it still works and needs no extra package
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -117,6 +117,13 @@ class CausalLM:
             self.model.eval()
         if model is None and torch.cuda.is_available():
             self.model.to("cuda")
+        quantize = option(options, "quantize", "none", str, self.spec)
+        if quantize not in ("none", "int8"):
+            raise ProtegeError(f"candidate {self.spec}: quantize must be none or int8")
+        if quantize == "int8":
+            from .base import quantize_int8
+
+            self.model = quantize_int8(self.model, self.spec)
         self.device = next(self.model.parameters()).device
         self.torch = torch
         self.eos_ids = eos_ids(self.model, self.tokenizer, self.spec)

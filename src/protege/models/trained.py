@@ -26,6 +26,14 @@ class TrainedClassifier:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(folder)
         self.model.eval()
+        quantize = option(options, "quantize", "none", str, self.spec)
+        if quantize not in ("none", "int8"):
+            raise ProtegeError(f"{self.spec}: quantize must be none or int8")
+        if quantize == "int8":
+            from .base import quantize_int8
+
+            self.model = quantize_int8(self.model, self.spec)
+            self.spec += "?quantize=int8"
         self.labels = meta["labels"]
         self.max_length = meta.get("max_length", 128)
         self.batch_size = option(options, "batch_size", 64, int, self.spec)

@@ -395,7 +395,7 @@ async def _stream(send, cid, created, model, text, usage, extra, headers, includ
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def load_specialist(target: str, store, home, task_file: str | None = None):
+def load_specialist(target: str, store, home, task_file: str | None = None, options: dict | None = None):
     """(name, predict function, task, run id) for `run:ID`, a run id, or a model folder made by
     protege train."""
     from pathlib import Path
@@ -427,12 +427,14 @@ def load_specialist(target: str, store, home, task_file: str | None = None):
     if meta.get("method") == "classifier":
         from ..models.trained import TrainedClassifier
 
-        cand: Any = TrainedClassifier(run_id or folder.name, folder, meta, {}, ctx)
+        cand: Any = TrainedClassifier(run_id or folder.name, folder, meta, dict(options or {}), ctx)
     else:
         from ..models.causal import CausalLM
 
-        cand = CausalLM(str(folder), {"instructed": "0"}, ctx, spec=f"run:{run_id}", instructed_default=False)
-    name = f"protege-{task.name}-{(run_id or folder.name)[:13]}"
+        cand = CausalLM(str(folder), {"instructed": "0", **(options or {})}, ctx, spec=f"run:{run_id}",
+                        instructed_default=False)
+    name = f"protege-{task.name}-{(run_id or folder.name)[:13]}" + (
+        f"-{options['quantize']}" if (options or {}).get("quantize", "none") != "none" else "")
     return name, cand.predict, task, run_id
 
 
