@@ -195,6 +195,7 @@ def main() -> None:
     from protege.bench.run import run_bench
 
     for kind, res in results.items():
+        res["machine"] = info
         rid = res["run_id"]
         report = run_bench(store, task, ds, home, [f"run:{rid}", f"run:{rid}?quantize=int8"], latency_samples=1,
                            limit=None if kind == "classifier" else args.quality_rows)
@@ -203,6 +204,14 @@ def main() -> None:
                           "int8_minus_fp32": int8.paired.get("accuracy")}
         console.print(f"{kind}: accuracy fp32 {fp32.metrics['accuracy']['value']:.4f}, int8 "
                       f"{int8.metrics['accuracy']['value']:.4f} on {report.rows} test rows")
+    import json
+
+    from _common import RESULTS
+
+    previous = RESULTS / "serve_latency.json"
+    if previous.exists():  # a run of one specialist (--skip-lora) keeps the other's last figures
+        for kind, res in json.loads(previous.read_text()).get("results", {}).items():
+            results.setdefault(kind, res)
     checks = {}
     table_rows = []
     for kind, res in results.items():
