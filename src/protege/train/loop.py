@@ -213,7 +213,8 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
                 opt.zero_grad(set_to_none=True)
                 state["step"] += 1
                 step = state["step"]
-                loss_value = loss.detach().item() * accum / dist.world
+                # this process's share, scaled up: the batch mean when the shares are alike
+                loss_value = loss.detach().item() * accum
                 rate = (state["work"] - work0) / max(time.monotonic() - t_resume, 1e-6)
                 if tb:
                     tb.add_scalar("train/loss", loss_value, step)
