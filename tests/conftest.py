@@ -86,6 +86,16 @@ def db_url(request, tmp_path):
 
 
 @pytest.fixture
+def sqlite_store(tmp_path):
+    """A SQLite store of the test's own, for tests that need one store, not both kinds."""
+    from protege.traces.store import Store
+
+    s = Store(f"sqlite:///{tmp_path / 'protege.db'}")
+    yield s
+    s.close()
+
+
+@pytest.fixture
 def store(db_url):
     from protege.traces.store import Store
 

@@ -38,14 +38,6 @@ def take(path: Path, per_label: int) -> list[dict]:
     return out
 
 
-@pytest.fixture
-def sqlite_store(tmp_path):
-    from protege.traces.store import Store
-
-    s = Store(f"sqlite:///{tmp_path / 'bench.db'}")
-    yield s
-    s.close()
-
 
 @pytest.fixture
 def banking(sqlite_store, tmp_path, home):

@@ -20,14 +20,6 @@ from protege.traces import schema
 from test_bench import make_banking
 
 
-@pytest.fixture
-def sqlite_store(tmp_path):
-    from protege.traces.store import Store
-
-    s = Store(f"sqlite:///{tmp_path / 'decide.db'}")
-    yield s
-    s.close()
-
 
 def plant_bench(store, home, task, ds, spec, *, correct: int, kind: str, reference: str = "replay",
                 p50=None, p95=None, throughput=None, cost=None, latency_note="measured here, batch size 1"):

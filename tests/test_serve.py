@@ -17,14 +17,6 @@ from test_train import tiny_bert, tiny_llama  # noqa: F401  (fixtures)
 KEY = "sk-serve-test"
 
 
-@pytest.fixture
-def sqlite_store(tmp_path):
-    from protege.traces.store import Store
-
-    s = Store(f"sqlite:///{tmp_path / 'serve.db'}")
-    yield s
-    s.close()
-
 
 @pytest.fixture
 def trained(sqlite_store, tmp_path, home, tiny_bert):  # noqa: F811

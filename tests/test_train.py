@@ -32,14 +32,6 @@ def tiny_bert(tmp_path):
     return str(path)
 
 
-@pytest.fixture
-def sqlite_store(tmp_path):
-    from protege.traces.store import Store
-
-    s = Store(f"sqlite:///{tmp_path / 'train.db'}")
-    yield s
-    s.close()
-
 
 def test_tiny_classifier_writes_model_card_metrics_and_tensorboard(sqlite_store, tmp_path, home, tiny_bert, capsys):
     from test_cli import run

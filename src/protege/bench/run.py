@@ -75,10 +75,6 @@ class BenchReport:
                 "candidates": [r.as_dict() for r in self.results]}
 
 
-def _nan_to_none(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
-
 def _map_labels(task: Task, outputs: list[str]) -> tuple[list[str], float | None]:
     if task.kind != "classification":
         return outputs, None
@@ -235,15 +231,17 @@ def _store_runs(store, task, dataset, home, results, reference, rows, hw, tag=No
                 config={"candidate": r.spec, "reference": reference, "rows": len(rows),
                         "hardware_usd_per_hour": hw, "dataset": dataset["id"], "tag": tag},
                 base_model=r.spec, dataset_id=dataset["id"],
-                metrics={k: _clean(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
+                metrics={k: json_safe(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
                 outputs_path=str((folder / "outputs.jsonl").resolve()), created_at=now, finished_at=now))
 
 
-def _clean(value):
+def json_safe(value):
+    """JSON has no NaN or Infinity: a figure that is undefined (NaN) or never arrives (an
+    infinite payback) becomes null, at any depth."""
     if isinstance(value, float):
-        return _nan_to_none(value)
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     return value

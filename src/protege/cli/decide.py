@@ -50,7 +50,9 @@ def decide_cmd(
         data = d.as_dict()
         if data.get("curve") and data["curve"].get("fit"):
             data["curve"]["fit"].pop("_boot", None)
-        print_json(_finite(data))
+        from ..bench.run import json_safe
+
+        print_json(json_safe(data))
     else:
         from rich.markdown import Markdown
 
@@ -59,15 +61,3 @@ def decide_cmd(
         if path is not None:
             err.print(f"{label}: {path.resolve()}")
 
-
-def _finite(value):
-    """JSON has no Infinity: a figure that never arrives (payback at a loss) is null."""
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

@@ -161,8 +161,8 @@ def decide(store: Store, task: Task, inputs: Inputs, *, dataset: str | None = No
     notes: list[str] = []
     metric_names = [m for m in task.metric_names if m != "judge"]
     metric = metric_names[0]
-    ref_out = _outputs(newest[reference])
     outputs = {spec: _outputs(run) for spec, run in newest.items()}
+    ref_out = outputs[reference]
     common = [i for i in ref_out if all(i in o for o in outputs.values())]
     if not common:
         raise ProtegeError("the candidates' bench runs share no test rows; bench them together on the same rows")

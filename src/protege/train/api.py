@@ -22,7 +22,6 @@ from ..traces.store import Store
 from .loop import Dist, run_loop
 from .runs import get_run, start_training_run, update_run
 
-METHODS = ("classifier", "lora", "full", "distill", "grpo")
 
 
 def build_job(store: Store, task: Task, dataset: dict, home: Path, base: str, method: str, recipe, folder: Path,
@@ -41,8 +40,10 @@ def build_job(store: Store, task: Task, dataset: dict, home: Path, base: str, me
     if method == "grpo":
         from .grpo import grpo_job
 
-        return grpo_job(store, task, dataset, home, base, recipe, folder, run_id, train_fraction=train_fraction)
-    raise ProtegeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+        return grpo_job(task, dataset, home, base, recipe, folder, run_id, train_fraction=train_fraction)
+    from .recipe import RECIPES
+
+    raise ProtegeError(f"unknown method {method!r}; choose one of: {', '.join(RECIPES)}")
 
 
 def train(store: Store, task: Task, dataset: dict, home: Path, base: str, method: str, recipe, *,
@@ -155,7 +156,7 @@ def launch(argv: list[str], nproc: int) -> int:
     if os.environ.get("WORLD_SIZE"):
         raise ProtegeError("--nproc inside a torchrun launch: drop --nproc (torchrun already started the processes)")
     args, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue

@@ -20,7 +20,7 @@ import orjson
 
 from ..errors import ProtegeError
 from ..tasks.spec import Task
-from .common import format_score, nested_subset
+from .common import nested_subset, write_model_card
 from .loop import Job, train_device
 from .recipe import ClassifierRecipe
 
@@ -146,7 +146,7 @@ def classifier_job(task: Task, dataset: dict, home: Path, base: str, recipe: Cla
         _model_card(final, task, dataset, base, recipe, metrics, run_id)
         return final
 
-    return Job(method="classifier", model=model, loss_module=Loss(), lengths=[len(e) for e in enc_train],
+    return Job(model=model, loss_module=Loss(), lengths=[len(e) for e in enc_train],
                count=len, evaluate=(lambda: _accuracy(model, collate_val, enc_val, y_val, torch)) if val else None,
                export=export, unit="ex",
                param_groups=[{"params": body_params, "lr": recipe.lr}, {"params": head_params, "lr": recipe.head_lr}],
@@ -165,16 +165,11 @@ def _save(model, tokenizer, path: Path) -> None:
 
 
 def _model_card(folder: Path, task: Task, dataset: dict, base: str, recipe, metrics: dict, run_id: str) -> None:
-    lines = [f"# {task.name} classifier ({run_id})", "",
-             f"Fine-tuned by protege from `{base}` on dataset `{dataset['id']}` "
-             f"(hash `{dataset['content_hash'][:16]}`): {metrics['train_rows']:,} train rows, "
-             f"{metrics['validation_rows']:,} validation rows.", "",
-             "| figure | value |", "| --- | --- |",
-             f"| best validation accuracy | {format_score(metrics['best_val_score'])} (step {metrics['best_step']}) |",
-             f"| steps | {metrics['steps']} ({metrics['stop_reason']}) |",
-             f"| training wall time | {metrics['wall_s']:.0f} s |",
-             f"| training throughput | {metrics['throughput']} |", "",
-             "Recipe:", "", "```yaml", *(f"{k}: {v}" for k, v in recipe.model_dump().items()), "```", "",
-             "Load it with `transformers.pipeline(\"text-classification\", model=THIS_FOLDER)` or bench it as "
-             f"`run:{run_id}`."]
-    (folder / "README.md").write_text("\n".join(lines) + "\n")
+    write_model_card(
+        folder, title=f"{task.name} classifier ({run_id})",
+        intro=(f"Fine-tuned by protege from `{base}` on dataset `{dataset['id']}` "
+               f"(hash `{dataset['content_hash'][:16]}`): {metrics['train_rows']:,} train rows, "
+               f"{metrics['validation_rows']:,} validation rows."),
+        best_label="best validation accuracy", metrics=metrics, recipe=recipe,
+        usage=("Load it with `transformers.pipeline(\"text-classification\", model=THIS_FOLDER)` or bench it as "
+               f"`run:{run_id}`."))

@@ -90,6 +90,19 @@ def format_score(value: float | None) -> str:
     return "unknown (no validation rows)" if value is None else f"{value:.4f}"
 
 
+def write_model_card(folder: Path, *, title: str, intro: str, best_label: str, metrics: dict, recipe,
+                     usage: str) -> None:
+    """README.md beside a trained model: what it was trained from, the run's figures, its recipe."""
+    lines = [f"# {title}", "", intro, "",
+             "| figure | value |", "| --- | --- |",
+             f"| {best_label} | {format_score(metrics['best_val_score'])} (step {metrics['best_step']}) |",
+             f"| steps | {metrics['steps']} ({metrics['stop_reason']}) |",
+             f"| training wall time | {metrics['wall_s']:.0f} s |",
+             f"| training throughput | {metrics['throughput']} |", "",
+             "Recipe:", "", "```yaml", *(f"{k}: {v}" for k, v in recipe.model_dump().items()), "```", "", usage]
+    (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
 def nested_subset(rows: list, fraction: float | None, seed: int = 0) -> list:
     """The first `fraction` of the rows in one fixed shuffled order: the subset for 0.25 is
     contained in the one for 0.5, so a learning curve measures more data, not other data."""

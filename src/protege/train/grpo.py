@@ -31,7 +31,6 @@ from ..models.causal import eos_ids
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric, normalize_text
 from ..tasks.spec import Task
-from ..traces.store import Store
 from .common import nested_subset
 from .loop import Job
 from .recipe import GRPORecipe
@@ -123,7 +122,7 @@ class GRPOLoss(torch.nn.Module):
         return out
 
 
-def grpo_job(store: Store, task: Task, dataset: dict, home: Path, base: str, recipe: GRPORecipe, folder: Path,
+def grpo_job(task: Task, dataset: dict, home: Path, base: str, recipe: GRPORecipe, folder: Path,
              run_id: str, *, train_fraction: float | None = None) -> Job:
     from ..datasets.registry import load_split
 
@@ -149,7 +148,7 @@ def grpo_job(store: Store, task: Task, dataset: dict, home: Path, base: str, rec
         _model_card(folder / "model", task, dataset, base, "grpo", recipe, metrics, run_id)
         return folder / "model"
 
-    return Job(method="grpo", model=model, loss_module=loss, lengths=[len(p) for p in prompts],
+    return Job(model=model, loss_module=loss, lengths=[len(p) for p in prompts],
                count=lambda idx: len(idx) * recipe.group_size,
                work=lambda idx: len(idx) * recipe.group_size,
                evaluate=(lambda: _evaluate(model, tokenizer, task, val, home, recipe)) if val else None,

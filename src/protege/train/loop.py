@@ -104,7 +104,6 @@ def train_device():
 class Job:
     """What a method hands the loop."""
 
-    method: str
     model: Any
     """The model being trained (PEFT-wrapped for LoRA); its trainable parameters are optimised."""
     loss_module: Any
@@ -164,13 +163,14 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
     state: dict[str, Any] = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "work": 0, "elapsed_s": 0.0,
                              "history": [], "best": float("-inf"), "best_step": 0, "stale": 0,
                              "epoch_rng": rng.getstate()}
-    best_state = trainable_state(model)
     if resume:
         best_state = _load_checkpoint(ckpt, model, opt, sched, state, dist)
-    elif job.evaluate is not None:  # the starting point, so the history shows what training bought
-        score = job.evaluate()
-        state["history"].append({"step": 0, "loss": None, "val_score": score, "elapsed_s": 0.0})
-        state["best"] = score
+    else:
+        best_state = trainable_state(model)
+        if job.evaluate is not None:  # the starting point, so the history shows what training bought
+            score = job.evaluate()
+            state["history"].append({"step": 0, "loss": None, "val_score": score, "elapsed_s": 0.0})
+            state["best"] = score
     budget = None if time_budget_min is None else max(0.01, time_budget_min - state["elapsed_s"] / 60)
     stop = Stopper(recipe.early_stop_patience, budget, best=state["best"])
     stop.best_step, stop.stale = state["best_step"], state["stale"]

@@ -27,7 +27,7 @@ from ..errors import ProtegeError
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric
 from ..tasks.spec import Task
-from .common import format_score, nested_subset
+from .common import nested_subset, write_model_card
 from .loop import Job, train_device
 from .recipe import SFTRecipe
 
@@ -85,7 +85,7 @@ def sft_job(task: Task, dataset: dict, home: Path, base: str, recipe: SFTRecipe,
         _model_card(folder / "model", task, dataset, base, card_method or method, recipe, metrics, run_id)
         return folder / "model"
 
-    return Job(method=card_method or method, model=model, loss_module=loss_module, lengths=[len(x) for x, _ in examples],
+    return Job(model=model, loss_module=loss_module, lengths=[len(x) for x, _ in examples],
                count=lambda idx: sum(completion[i] for i in idx), work=lambda idx: sum(len(examples[i][0]) for i in idx),
                evaluate=(lambda: _evaluate(model, tokenizer, task, val, home, recipe)) if val else None,
                export=export, unit="tok",
@@ -182,16 +182,11 @@ def _export(model, tokenizer, folder: Path, method: str) -> None:
 
 def _model_card(folder: Path, task: Task, dataset: dict, base: str, method: str, recipe, metrics: dict,
                 run_id: str) -> None:
-    lines = [f"# {task.name} specialist ({method}, run {run_id})", "",
-             f"Fine-tuned by protege from `{base}` on dataset `{dataset['id']}` (hash "
-             f"`{dataset['content_hash'][:16]}`), {metrics['train_rows']:,} train rows.", "",
-             "| figure | value |", "| --- | --- |",
-             f"| best validation {metrics['metric']} ({metrics['validation_rows_scored']} rows) | "
-             f"{format_score(metrics['best_val_score'])} (step {metrics['best_step']}) |",
-             f"| steps | {metrics['steps']} ({metrics['stop_reason']}) |",
-             f"| training wall time | {metrics['wall_s']:.0f} s |",
-             f"| training throughput | {metrics['throughput']} |", "",
-             "Recipe:", "", "```yaml", *(f"{k}: {v}" for k, v in recipe.model_dump().items()), "```", "",
-             "The prompt it expects is the task's own (system prompt and template in the task file). "
-             f"Bench it as `run:{run_id}`; serve the folder with vLLM or transformers."]
-    (folder / "README.md").write_text("\n".join(lines) + "\n")
+    write_model_card(
+        folder, title=f"{task.name} specialist ({method}, run {run_id})",
+        intro=(f"Fine-tuned by protege from `{base}` on dataset `{dataset['id']}` (hash "
+               f"`{dataset['content_hash'][:16]}`), {metrics['train_rows']:,} train rows."),
+        best_label=f"best validation {metrics['metric']} ({metrics['validation_rows_scored']} rows)",
+        metrics=metrics, recipe=recipe,
+        usage=("The prompt it expects is the task's own (system prompt and template in the task file). "
+               f"Bench it as `run:{run_id}`; serve the folder with vLLM or transformers."))
