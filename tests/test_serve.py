@@ -248,3 +248,54 @@ def test_int8_quantized_specialist_is_a_bench_candidate_and_serves(sqlite_store,
 
     name, predict, _, _ = load_specialist(f"run:{run_id}", sqlite_store, home, options={"quantize": "int8"})
     assert name.endswith("-int8") and predict([{"input": "card"}])[0].output in task.labels
+
+
+def test_batcher_waits_under_load_only():
+    """An idle batcher answers at once; under load it lets wait_s pass (or max_batch gather)
+    before each batch, and a batch of one stops the waiting."""
+    import asyncio
+    import threading
+    import time
+
+    from protege.serve.app import Batcher
+
+    gate, sizes = threading.Event(), []
+
+    def predict(rows):
+        gate.wait(5)
+        sizes.append(len(rows))
+        return rows
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        b = Batcher(predict, max_batch=8, wait_s=0.5)
+        try:
+            gate.set()
+            t = time.monotonic()
+            await b.submit({"i": 0}, loop)  # idle: no wait at all
+            assert time.monotonic() - t < 0.25 and sizes == [1]
+            gate.clear()
+            first = b.submit({"i": 1}, loop)  # the model takes it and blocks on the gate ...
+            await asyncio.sleep(0.05)
+            rest = [b.submit({"i": i}, loop) for i in range(2, 6)]  # ... while 4 queue up
+            gate.set()
+            await asyncio.gather(first, *rest)
+            assert sizes == [1, 1, 4]
+            # under load now: one request comes, three more 0.1 s later; one batch of 4
+            one = b.submit({"i": 6}, loop)
+            await asyncio.sleep(0.1)
+            await asyncio.gather(one, *[b.submit({"i": i}, loop) for i in range(7, 10)])
+            assert sizes == [1, 1, 4, 4]
+            # eight at once fill max_batch: no waiting for the window to pass
+            t = time.monotonic()
+            await asyncio.gather(*[b.submit({"i": i}, loop) for i in range(10, 18)])
+            assert sizes == [1, 1, 4, 4, 8] and time.monotonic() - t < 0.25
+            # a lone request waits out the window once, then the batcher is idle again
+            await b.submit({"i": 18}, loop)
+            t = time.monotonic()
+            await b.submit({"i": 19}, loop)
+            assert sizes == [1, 1, 4, 4, 8, 1, 1] and time.monotonic() - t < 0.25
+        finally:
+            b.close()
+
+    asyncio.run(scenario())

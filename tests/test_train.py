@@ -284,11 +284,25 @@ def test_resume_after_kill_ends_with_the_same_weights(sqlite_store, tmp_path, ho
     assert code == 1 and "--method 'lora' differs from the run's 'classifier'" in " ".join(err.split())
 
 
+def _one_then_two_processes(store, capsys, args: list[str]) -> tuple[dict, dict]:
+    """The finished runs of `protege ARGS` in one process, then with --nproc 2."""
+    from protege.train.runs import list_runs
+    from test_cli import run
+
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    one = get_run(store, out.split("run ")[1].split()[0])
+    code, out, err = run(capsys, *args, "--nproc", "2")
+    assert code == 0, err
+    two = list_runs(store, kind="train")[0]
+    assert two["id"] != one["id"] and two["status"] == "done", two
+    return one, two
+
+
 def test_two_processes_match_one(sqlite_store, tmp_path, home, capsys):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from protege.models.local import minilm_path
-    from test_cli import run
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -300,20 +314,90 @@ def test_two_processes_match_one(sqlite_store, tmp_path, home, capsys):
     task, _ = make_banking(sqlite_store, tmp_path, home)
     args = ["--db", sqlite_store.url, "train", str(task.path), "--base", str(base), "--method", "classifier",
             "--set", "epochs=2", "--set", "batch_size=16", "--set", "eval_every=4", "--set", "keep=last"]
-    code, out, err = run(capsys, *args)
-    assert code == 0, err
-    one = get_run(sqlite_store, out.split("run ")[1].split()[0])
-    code, out, err = run(capsys, *args, "--nproc", "2")
-    assert code == 0, err
-    from protege.train.runs import list_runs
-
-    two = list_runs(sqlite_store, kind="train")[0]
-    assert two["id"] != one["id"] and two["status"] == "done"
+    one, two = _one_then_two_processes(sqlite_store, capsys, args)
     assert two["metrics"]["processes"] == 2 and two["config"]["processes"] == 2
     assert two["metrics"]["steps"] == one["metrics"]["steps"]
     _assert_same_weights(Path(one["checkpoint_path"]), Path(two["checkpoint_path"]), 1e-4)
     assert [round(h["val_score"], 6) for h in one["metrics"]["history"]] == \
         [round(h["val_score"], 6) for h in two["metrics"]["history"]]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_two_processes_match_one(sqlite_store, tmp_path, home, tiny_llama, capsys, method):
+    """strategy fsdp shards the tiny Llama's blocks over 2 gloo processes; the run (its
+    evaluations, checkpoints and the gathered export) matches one process."""
+    from transformers import AutoModelForCausalLM
+
+    task, _ = make_banking(sqlite_store, tmp_path, home)
+    args = ["--db", sqlite_store.url, "train", str(task.path), "--base", tiny_llama, "--method", method,
+            "--set", "strategy=fsdp", "--set", "epochs=1", "--set", "batch_size=16", "--set", "eval_every=3",
+            "--set", "eval_rows=6", "--set", "keep=last", "--set", "lora_dropout=0", "--set", "lr=1e-3"]
+    one, two = _one_then_two_processes(sqlite_store, capsys, args)
+    assert two["metrics"]["processes"] == 2 and two["metrics"]["strategy"] == "fsdp"
+    assert two["metrics"]["steps"] == one["metrics"]["steps"] >= 3
+    _assert_same_weights(Path(one["checkpoint_path"]), Path(two["checkpoint_path"]), 1e-4)
+    assert [h["val_score"] for h in one["metrics"]["history"]] == [h["val_score"] for h in two["metrics"]["history"]]
+    assert AutoModelForCausalLM.from_pretrained(two["checkpoint_path"]) is not None  # plain transformers loads it
+    if method == "lora":
+        assert (Path(two["checkpoint_path"]).parent / "adapter" / "adapter_model.safetensors").exists()
+        _kill_and_resume_sharded(sqlite_store, tmp_path, task, tiny_llama, home, args, two, capsys)
+
+
+FSDP_KILL_SCRIPT = """
+import os, sys
+from protege.datasets.registry import get_dataset
+from protege.tasks.spec import load_task
+from protege.train.api import train
+from protege.train.recipe import load_recipe
+from protege.traces.store import Store
+
+url, task_path, base, home, kill_at = sys.argv[1:6]
+store = Store(url)
+task = load_task(task_path)
+
+def on_step(step):
+    if step == int(kill_at):
+        os.kill(os.getpid(), 9)
+
+train(store, task, get_dataset(store, task.name), home, base, "lora", load_recipe("lora", overrides=sys.argv[6:]),
+      on_step=on_step)
+"""
+
+
+def _kill_and_resume_sharded(store, tmp_path, task, base, home, args, uninterrupted, capsys):
+    """Both processes of an FSDP run are killed after its first checkpoint; --resume with 2
+    processes ends with the uninterrupted run's weights."""
+    import os
+    import subprocess
+    import sys
+
+    from protege.train.runs import list_runs
+    from test_cli import run
+
+    script = tmp_path / "fsdp_kill.py"
+    script.write_text(FSDP_KILL_SCRIPT)
+    overrides = [a for a, prev in zip(args, ["", *args]) if prev == "--set"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                           str(script), store.url, str(task.path), base, str(home), "5", *overrides],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    killed = list_runs(store, kind="train")[0]
+    assert killed["id"] != uninterrupted["id"] and killed["status"] == "running", proc.stderr[-2000:]
+    code, _, err = run(capsys, "--db", store.url, "train", str(task.path), "--resume", killed["id"], "--nproc", "2")
+    assert code == 0, err
+    done = get_run(store, killed["id"])
+    assert done["status"] == "done" and done["metrics"]["resumed"] and done["metrics"]["strategy"] == "fsdp"
+    assert done["metrics"]["steps"] == uninterrupted["metrics"]["steps"]
+    _assert_same_weights(Path(uninterrupted["checkpoint_path"]), Path(done["checkpoint_path"]), 1e-5)
+
+
+def test_fsdp_is_refused_where_it_cannot_run(tmp_path):
+    from protege.train.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="strategy"):
+        load_recipe("classifier", None, ["strategy=fsdp"])
+    with pytest.raises(RecipeError, match="strategy"):
+        load_recipe("lora", None, ["strategy=zero3"])
 
 
 def test_distill_relabels_with_the_teacher_then_trains(sqlite_store, tmp_path, home, tiny_llama, capsys):

@@ -28,6 +28,8 @@ def serve_cmd(
     task_file: Optional[Path] = typer.Option(None, "--task", help="The task file (default: the one the run recorded)."),
     max_body_kb: int = typer.Option(1024, "--max-body-kb", min=1, help="Largest request accepted."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most requests answered in one model call."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0, help="Under load, how long the model lets "
+                                        "requests gather before each batch (0: never waits)."),
     no_traces: bool = typer.Option(False, "--no-traces", help="Do not store served requests as traces."),
     quantize: str = typer.Option("none", "--quantize", help="none | int8: dynamic int8 Linear layers on CPU "
                                  "(bench its quality first: -c run:ID?quantize=int8)."),
@@ -45,7 +47,8 @@ def serve_cmd(
     fb = Fallback(fallback) if fallback else None
     writer = None if no_traces else TraceWriter.for_settings(s)
     app = ServeApp(name, predict, task=task.name, writer=writer, fallback=fb, threshold=threshold, api_key=api_key,
-                   max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id)
+                   max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id,
+                   batch_wait_s=batch_wait_ms / 1000)
     route = f", below {threshold} → {fb.model}" if fb else ""
     err.print(f"protege serve: {name} on http://{host}:{port}/v1{route}"
               f"{'  (auth on)' if api_key else ''}  (traces: {'off' if no_traces else s.home})")

@@ -126,6 +126,11 @@ def grpo_job(task: Task, dataset: dict, home: Path, base: str, recipe: GRPORecip
              run_id: str, *, train_fraction: float | None = None) -> Job:
     from ..datasets.registry import load_split
 
+    if recipe.strategy == "fsdp":
+        from .recipe import RecipeError
+
+        raise RecipeError("recipe key strategy: grpo runs with ddp only (each process samples its own "
+                          "completions, so sharded forwards would fall out of step)")
     reward_name, reward = reward_function(task, recipe.reward)
     train = nested_subset([r for r in load_split(dataset, "train") if r.get("reference")], train_fraction)
     val = load_split(dataset, "validation")[:recipe.eval_rows]

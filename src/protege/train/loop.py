@@ -14,7 +14,11 @@ result is the same weights as a run that was never interrupted.
 
 Distributed: under torchrun (`--nproc N` launches it) every process builds the same model,
 takes its share of each global batch and DDP averages the gradients; each share's loss is
-weighted by its part of the batch, so the update equals the single-process one.
+weighted by its part of the batch, so the update equals the single-process one. With the
+recipe key `strategy: fsdp` the weights, gradients and optimiser state are sharded across
+the processes instead (FSDP2 `fully_shard` on each transformer block, the loss module as
+root): checkpoints, the best state and the export are gathered into full tensors, so a
+sharded run writes the same files as any other.
 """
 
 from __future__ import annotations
@@ -126,6 +130,9 @@ class Job:
     """Extra figures for the run record (train_rows, ...)."""
     stats: Callable[[], dict] | None = None
     """Running training figures since the last call (GRPO's mean reward, KL), logged at each evaluation."""
+    rebuild: Callable[[], Any] | None = None
+    """A fresh, unsharded copy of the model on the CPU, for FSDP runs: the best weights are
+    gathered into it and it is exported (`export(best_state, metrics, model=...)`)."""
 
 
 UNITS = {"tok": "tokens", "ex": "examples", "completion": "completions"}
@@ -136,6 +143,112 @@ def trainable_state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
 
 
+class Weights:
+    """How the loop reads and writes weights and optimiser state: the model's own tensors
+    (one process, or DDP where every process holds them all)."""
+
+    def __init__(self, job: Job):
+        self.model = job.model
+        self.trainer = job.loss_module
+
+    def state(self) -> dict:
+        return trainable_state(self.model)
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state, strict=False)
+
+    def optim_state(self, opt) -> dict:
+        return opt.state_dict()
+
+    def load_optim(self, opt, state: dict) -> None:
+        opt.load_state_dict(state)
+
+    def evaluate(self, fn: Callable[[], float]) -> float:
+        return fn()
+
+
+class Sharded(Weights):
+    """FSDP2: each transformer block (the model's `_no_split_modules`) is its own shard unit
+    and the loss module is the root, so one forward of the loss module gathers what the
+    blocks do not hold (embeddings, final norm, a tied LM head). Every method here is a
+    collective: all processes call it, in the same order."""
+
+    def __init__(self, job: Job, dist: Dist):
+        super().__init__(job)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if job.rebuild is None:
+            raise ProtegeError("strategy fsdp is for the causal-LM methods (lora, full, distill); use ddp here")
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        blocks = set(getattr(inner, "_no_split_modules", None) or [])
+        units = [m for m in self.model.modules() if type(m).__name__ in blocks]
+        if not units:
+            raise ProtegeError(f"strategy fsdp: {type(inner).__name__} names no transformer block class "
+                               "(_no_split_modules) to shard by; use strategy ddp")
+        mesh = init_device_mesh(train_device().type, (dist.world,))
+        for m in units:
+            fully_shard(m, mesh=mesh)
+        fully_shard(self.trainer, mesh=mesh)
+        self.prefix = next(name for name, m in self.trainer.named_modules() if m is self.model) + "."
+        self.dist, self.rebuild = dist, job.rebuild
+
+    def state(self) -> dict:
+        from torch.distributed.tensor import DTensor
+
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, **kw)
+
+    def load(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.trainer, {self.prefix + k: v for k, v in state.items()},
+                             options=self._options(strict=False))
+
+    def optim_state(self, opt) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.trainer, opt, options=self._options())
+
+    def load_optim(self, opt, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.trainer, opt, optim_state_dict=state, options=self._options())
+
+    def evaluate(self, fn: Callable[[], float]) -> float:
+        """Every process scores the same rows in step (each forward gathers each block), with
+        the root's own weights gathered for the whole evaluation."""
+        # FSDP makes the first module to run forward its root; the first evaluation comes
+        # before any training forward, so name the root explicitly (torch has no public call)
+        self.trainer._get_fsdp_state()._lazy_init()
+        self.trainer.unshard()
+        try:
+            return fn()
+        finally:
+            self.trainer.reshard()
+
+    def unsharded_model(self):
+        """Rank 0: a plain copy of the whole model with the current weights; other ranks: None."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(self.trainer, options=self._options(cpu_offload=True))
+        if not self.dist.main:
+            return None
+        plain = self.rebuild()
+        missing, unexpected = plain.load_state_dict(
+            {k[len(self.prefix):]: v for k, v in full.items() if k.startswith(self.prefix)}, strict=False)
+        tied = {n for n in missing if n.endswith("lm_head.weight")}
+        if unexpected or set(missing) - tied:
+            raise ProtegeError(f"FSDP export: the gathered weights do not fit the model (missing "
+                               f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        return plain
+
+
 def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_min: float | None = None,
              console=None, resume: bool = False, dist: Dist | None = None,
              on_step: Callable[[int], None] | None = None) -> dict:
@@ -144,6 +257,8 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
 
     dist = dist or Dist()
     model = job.model
+    sharded = dist.world > 1 and getattr(recipe, "strategy", "ddp") == "fsdp"
+    weights = Sharded(job, dist) if sharded else Weights(job)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = job.param_groups or [{"params": params, "lr": recipe.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
@@ -152,7 +267,7 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
     total = max(1, int(steps_per_epoch * recipe.epochs) // accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, recipe.warmup_fraction))
     trainer = job.loss_module
-    if dist.world > 1:
+    if dist.world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         dev = train_device()
@@ -164,11 +279,11 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
                              "history": [], "best": float("-inf"), "best_step": 0, "stale": 0,
                              "epoch_rng": rng.getstate()}
     if resume:
-        best_state = _load_checkpoint(ckpt, model, opt, sched, state, dist)
+        best_state = _load_checkpoint(ckpt, weights, opt, sched, state, dist)
     else:
-        best_state = trainable_state(model)
+        best_state = weights.state()
         if job.evaluate is not None:  # the starting point, so the history shows what training bought
-            score = job.evaluate()
+            score = weights.evaluate(job.evaluate)
             state["history"].append({"step": 0, "loss": None, "val_score": score, "elapsed_s": 0.0})
             state["best"] = score
     budget = None if time_budget_min is None else max(0.01, time_budget_min - state["elapsed_s"] / 60)
@@ -224,7 +339,7 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
                 out_of_time = dist.any(stop.out_of_time())
                 evaluated = False
                 if job.evaluate is not None and (step % recipe.eval_every == 0 or last or out_of_time):
-                    score = job.evaluate()
+                    score = weights.evaluate(job.evaluate)
                     evaluated = True
                     extra = job.stats() if job.stats else {}
                     state["history"].append({"step": step, "loss": loss_value, "val_score": score,
@@ -236,7 +351,7 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
                                 tb.add_scalar(f"train/{k}", v, step)
                     bar.update(tid, val=f"{score:.4f}")
                     if stop.record(step, score):
-                        best_state = trainable_state(model)
+                        best_state = weights.state()
                     if dist.main:
                         update_run(store, run_id, metrics={**job.metrics, "history": state["history"],
                                                            "best_val_score": stop.best, "best_step": stop.best_step})
@@ -246,7 +361,7 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
                 if (evaluated or step % save_every == 0) and not done:
                     state.update(best=stop.best, best_step=stop.best_step, stale=stop.stale,
                                  elapsed_s=time.monotonic() - t0)
-                    _save_checkpoint(ckpt, model, opt, sched, state, best_state, dist)
+                    _save_checkpoint(ckpt, weights, opt, sched, state, best_state, dist)
                 if done:
                     break
             else:
@@ -257,20 +372,25 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
         tb.close()
     wall = time.monotonic() - t0
     if job.evaluate is None or getattr(recipe, "keep", "best") == "last":
-        best_state, stop.best_step = trainable_state(model), state["step"]  # nothing to choose with: the last
+        best_state, stop.best_step = weights.state(), state["step"]  # nothing to choose with: the last
     metrics = {**job.metrics, "history": state["history"],
                "best_val_score": stop.best if job.evaluate is not None else None, "best_step": stop.best_step,
                "steps": state["step"], "stop_reason": stop.reason, "wall_s": wall,
-               "processes": dist.world}
+               "processes": dist.world, "strategy": ("fsdp" if sharded else "ddp") if dist.world > 1 else None}
     rate = (state["work"] - work0) / max(time.monotonic() - t_resume, 1e-6)
     unit = UNITS.get(job.unit, job.unit)
     metrics[f"train_{unit}_per_s"] = rate
     metrics["throughput"] = f"{rate:,.0f} {unit}/s" + (f" over {dist.world} processes" if dist.world > 1 else "")
     if resume:
         metrics["resumed"] = True
-    model.load_state_dict(best_state, strict=False)
-    if dist.main:
+    weights.load(best_state)
+    if sharded:
+        plain = weights.unsharded_model()
+        if dist.main:
+            job.export(best_state, metrics, model=plain)
+    elif dist.main:
         job.export(best_state, metrics)
+    if dist.main:
         shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
 
@@ -284,16 +404,19 @@ def _rng_state() -> dict:
     return out
 
 
-def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict, best_state: dict, dist: Dist) -> None:
+def _save_checkpoint(ckpt: Path, weights: Weights, opt, sched, state: dict, best_state: dict, dist: Dist) -> None:
     import torch
 
     rngs = dist.gather(_rng_state())
+    if not (dist.main or isinstance(weights, Sharded)):
+        return
+    current, optim = weights.state(), weights.optim_state(opt)  # collectives under FSDP: every rank
     if not dist.main:
         return
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"model": trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    torch.save({"model": current, "optimizer": optim, "scheduler": sched.state_dict(),
                 "state": state, "rng": rngs, "world": dist.world}, tmp / "state.pt")
     torch.save(best_state, tmp / "best.pt")
     old = ckpt.with_name(ckpt.name + ".old")
@@ -304,7 +427,7 @@ def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict, best_state: dic
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt: Path, model, opt, sched, state: dict, dist: Dist) -> dict:
+def _load_checkpoint(ckpt: Path, weights: Weights, opt, sched, state: dict, dist: Dist) -> dict:
     import torch
 
     if not (ckpt / "state.pt").exists():
@@ -318,12 +441,12 @@ def _load_checkpoint(ckpt: Path, model, opt, sched, state: dict, dist: Dist) -> 
     if saved["world"] != dist.world:
         raise ProtegeError(f"the checkpoint was written by {saved['world']} process(es); resume it with "
                            f"--nproc {saved['world']}")
-    missing = set(trainable_state(model)) - set(saved["model"])
+    missing = {n for n, p in weights.model.named_parameters() if p.requires_grad} - set(saved["model"])
     if missing:
         raise ProtegeError(f"checkpoint {ckpt} does not match the model: {len(missing)} weights missing "
                            f"(e.g. {sorted(missing)[0]})")
-    model.load_state_dict(saved["model"], strict=False)
-    opt.load_state_dict(saved["optimizer"])
+    weights.load(saved["model"])
+    weights.load_optim(opt, saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     state.update(saved["state"])
     rng = saved["rng"][dist.rank]

@@ -65,6 +65,9 @@ class _Run(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
     """Linear layers that get LoRA adapters (not used by method full)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With --nproc > 1: `ddp` (every process holds the whole model) or `fsdp` (weights,
+    gradients and optimiser state sharded across the processes: models too big for one GPU)."""
 
 
 class SFTRecipe(_Run):

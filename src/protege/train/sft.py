@@ -24,6 +24,7 @@ import orjson
 import torch
 
 from ..errors import ProtegeError
+from ..models.causal import causal_parts
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric
 from ..tasks.spec import Task
@@ -78,7 +79,7 @@ def sft_job(task: Task, dataset: dict, home: Path, base: str, recipe: SFTRecipe,
     completion = [sum(1 for t in y if t != IGNORE) for _, y in examples]
     loss_module = CompletionLoss(model, examples, pad)
 
-    def export(best_state: dict, metrics: dict) -> Path:
+    def export(best_state: dict, metrics: dict, model=model) -> Path:
         _export(model, tokenizer, folder, method)
         (folder / "model" / "protege.json").write_bytes(orjson.dumps(
             {"method": card_method or method, "task": task.name, "run_id": run_id, "labels": task.labels}))
@@ -89,11 +90,13 @@ def sft_job(task: Task, dataset: dict, home: Path, base: str, recipe: SFTRecipe,
                count=lambda idx: sum(completion[i] for i in idx), work=lambda idx: sum(len(examples[i][0]) for i in idx),
                evaluate=(lambda: _evaluate(model, tokenizer, task, val, home, recipe)) if val else None,
                export=export, unit="tok",
-               metrics={"metric": task.metric_names[0], "train_rows": len(train), "validation_rows_scored": len(val)})
+               metrics={"metric": task.metric_names[0], "train_rows": len(train), "validation_rows_scored": len(val)},
+               rebuild=lambda: load_causal(base, home, method, recipe, device="cpu")[0])
 
 
-def load_causal(base: str, home: Path, method: str, recipe: SFTRecipe):
-    """The base causal LM (with fresh LoRA adapters for `lora`) and its tokenizer."""
+def load_causal(base: str, home: Path, method: str, recipe: SFTRecipe, device=None):
+    """The base causal LM (with fresh LoRA adapters for `lora`) and its tokenizer, on `device`
+    (default: this process's training device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..models.local import resolve
@@ -119,16 +122,7 @@ def load_causal(base: str, home: Path, method: str, recipe: SFTRecipe):
             # peft 0.21 calls a transformers attribute transformers 5 deprecates; nothing for users to do
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = get_peft_model(model, lora)
-    return model.to(train_device()), tokenizer
-
-
-def _causal_parts(model):
-    """(decoder, lm_head) of a causal LM, PEFT-wrapped or not; None when it has no such split."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return inner.get_decoder(), inner.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
+    return model.to(device or train_device()), tokenizer
 
 
 class CompletionLoss(torch.nn.Module):
@@ -139,7 +133,7 @@ class CompletionLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         self.examples, self.pad = examples, pad
-        self.parts = _causal_parts(model)
+        self.parts = causal_parts(model)
 
     def forward(self, idx, weight):
         width = max(len(self.examples[i][0]) for i in idx)
