@@ -56,13 +56,18 @@ class Metrics:
     errors: dict[int, int] = field(default_factory=dict)
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum: float = 0.0
-    batches: int = 0
-    batched_requests: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    """Model calls, by how many requests each answered."""
+
+    @property
+    def batches(self) -> int:
+        return sum(dict(self.batch_sizes).values())  # a copy: the model thread adds to it
+
+    @property
+    def batched_requests(self) -> int:
+        return sum(size * n for size, n in dict(self.batch_sizes).items())
 
     def observe_batch(self, size: int) -> None:
-        self.batches += 1
-        self.batched_requests += size
         self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
 
     def observe(self, seconds: float, answered_by: str) -> None:
@@ -77,6 +82,9 @@ class Metrics:
 
     def render(self, model: str) -> bytes:
         total = sum(self.requests.values())
+        # a copy: the model thread adds batch sizes while this runs on the event loop
+        sizes = dict(self.batch_sizes)
+        batches, batched = sum(sizes.values()), sum(size * n for size, n in sizes.items())
         lines = ["# HELP protege_serve_requests_total Chat completions answered, by who answered.",
                  "# TYPE protege_serve_requests_total counter"]
         for who, n in self.requests.items():
@@ -99,15 +107,15 @@ class Metrics:
                   "# TYPE protege_serve_fallback_rate gauge", f"protege_serve_fallback_rate {rate}",
                   "# HELP protege_serve_batch_size_mean Mean requests per model call.",
                   "# TYPE protege_serve_batch_size_mean gauge",
-                  f"protege_serve_batch_size_mean {self.batched_requests / self.batches if self.batches else 0}",
+                  f"protege_serve_batch_size_mean {batched / batches if batches else 0}",
                   "# HELP protege_serve_batch_size Requests per model call.",
                   "# TYPE protege_serve_batch_size histogram"]
         cum = 0
         for b in BATCH_BUCKETS:
-            cum += sum(n for size, n in self.batch_sizes.items() if b // 2 < size <= b)
+            cum += sum(n for size, n in sizes.items() if b // 2 < size <= b)
             lines.append(f'protege_serve_batch_size_bucket{{le="{b}"}} {cum}')
-        lines += [f'protege_serve_batch_size_bucket{{le="+Inf"}} {self.batches}',
-                  f"protege_serve_batch_size_sum {self.batched_requests}", f"protege_serve_batch_size_count {self.batches}"]
+        lines += [f'protege_serve_batch_size_bucket{{le="+Inf"}} {batches}',
+                  f"protege_serve_batch_size_sum {batched}", f"protege_serve_batch_size_count {batches}"]
         return ("\n".join(lines) + "\n").encode()
 
 
