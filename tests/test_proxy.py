@@ -205,6 +205,8 @@ def test_no_api_key_is_ever_stored(upstream, make_proxy, tmp_path):
                    headers={"Authorization": f"Bearer {secret}", "api-key": secret, "X-Protege-Task": "k"})
     upstream.push(("status", 401, {"error": {"message": "bad key"}}))
     httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {secret}"})
+    # the proxy hands a capture over after the response's last byte: wait for all three
+    assert wait_for(lambda: app.writer.submitted >= 3)
     assert app.writer.flush(10)
     assert app.writer.store.count() == 3
     app.writer.store.close()
