@@ -468,3 +468,69 @@ def test_grpo_on_top_of_sft_logs_rewards_and_benches(sqlite_store, tmp_path, hom
     assert name == "chrf" and reward(["card arrival"], ["card_arrival"])[0] < 1.0
     with pytest.raises(ProtegeError, match="not a per-example score"):
         reward_function(task, "macro_f1")
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(tmp_path, home, tiny_llama):
+    """Running the system prompt once per batch from its cache changes the compute, not the
+    loss or the gradients; examples that do not share a prefix fall back to whole rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from protege.tasks.spec import load_task
+    from protege.train.sft import CompletionLoss, encode, shared_prefix
+
+    p = tmp_path / "t.yaml"
+    p.write_text("name: t\nkind: classification\nlabels: [card_arrival, lost_or_stolen_card]\n"
+                 "prompt: {system: Classify the bank customer's message.}\n")
+    task, tok = load_task(p), AutoTokenizer.from_pretrained(tiny_llama)
+    texts = ["where is my card", "I lost my card yesterday and need a new one", "card?"]
+    examples = [encode(tok, task, t, lab, 256) for t, lab in zip(texts, ["card_arrival", "lost_or_stolen_card",
+                                                                        "card_arrival"])]
+    L = shared_prefix(examples)
+    system = tok.apply_chat_template([{"role": "system", "content": "Classify the bank customer's message."}],
+                                     tokenize=False)
+    assert L >= len(tok(system).input_ids)  # at least the whole system turn
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    grads = []
+    for share in (True, False):
+        loss_module = CompletionLoss(model, examples, tok.pad_token_id or 0, share_prefix=share)
+        assert loss_module.shared == (L if share else 0)
+        model.zero_grad()
+        loss = loss_module([0, 1, 2], 1.0)
+        loss.backward()
+        grads.append((loss.item(), {n: q.grad.clone() for n, q in model.named_parameters()}))
+    (a, ga), (b, gb) = grads
+    assert abs(a - b) < 1e-4 * abs(b)
+    assert all(torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-4) for n in ga)
+    cut = encode(tok, task, "word " * 300, "card_arrival", 64)  # its prompt lost its beginning
+    assert shared_prefix(examples + [cut]) == 0
+
+
+def test_bf16_precision_trains_in_bf16_and_saves_fp32(sqlite_store, tmp_path, home, tiny_llama, capsys):
+    import torch
+    from safetensors import safe_open
+
+    from protege.train.common import native_bf16, resolve_precision
+    from test_cli import run
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    task, _ = make_banking(sqlite_store, tmp_path, home)
+    weights = {}
+    for precision in ("fp32", "bf16"):
+        code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_llama,
+                             "--method", "full", "--set", "epochs=1", "--set", "eval_every=100",
+                             "--set", "eval_rows=4", "--set", "lr=1e-3", "--set", "keep=last",
+                             "--set", f"precision={precision}")
+        assert code == 0, err
+        r = get_run(sqlite_store, out.split("run ")[1].split()[0])
+        assert r["metrics"]["precision"] == precision and r["config"]["recipe"]["precision"] == precision
+        with safe_open(Path(r["checkpoint_path"]) / "model.safetensors", "pt") as f:
+            weights[precision] = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(t.dtype == torch.float32 for t in weights["bf16"].values())  # master weights stay fp32
+    # the same seed and data: only the arithmetic differs, a little
+    diffs = [(weights["bf16"][k] - weights["fp32"][k]).abs().max().item() for k in weights["fp32"]]
+    assert 0 < max(diffs) < 0.05
+    with pytest.raises(RecipeError, match="--set precision: Input should be 'fp32', 'bf16' or 'auto'"):
+        load_recipe("lora", overrides=["precision=fp16"])

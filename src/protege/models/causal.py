@@ -177,10 +177,7 @@ class CausalLM:
         """The last layer's hidden states for `ids` after `cache` (extended and returned).
         Callers apply the LM head only to the positions they need: over a 49k-token
         vocabulary the head costs a quarter of the model per position."""
-        out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                            **{self._cache_kw: cache})
-        new = getattr(out, "cache", None)
-        return out.last_hidden_state, out.past_key_values if new is None else new
+        return run_decoder(self._decoder, self._cache_kw, ids, mask, pos, cache)
 
     def _cache_for(self, batch: int):
         torch = self.torch
@@ -440,16 +437,26 @@ def causal_parts(model):
     return None if decoder is None or head is None else (decoder, head)
 
 
-def _parts(model):
-    """(decoder, LM head, the decoder's cache keyword) for decoding."""
+def cache_keyword(decoder) -> str:
+    """The decoder's key/value cache argument: transformers 5.x names it `cache`, 4.x `past_key_values`."""
     import inspect
 
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def run_decoder(decoder, kw: str, ids, mask, pos, cache):
+    """(last hidden states, the cache extended by `ids`) of one decoder call after `cache`."""
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
+    new = getattr(out, "cache", None)
+    return out.last_hidden_state, out.past_key_values if new is None else new
+
+
+def _parts(model):
+    """(decoder, LM head, the decoder's cache keyword) for decoding."""
     parts = causal_parts(model)
     if parts is None:
         raise ProtegeError(f"{type(model).__name__} has no decoder / LM head split that protege can decode with")
-    # transformers 5.x names the key/value cache `cache`; 4.x `past_key_values`
-    kw = "cache" if "cache" in inspect.signature(parts[0].forward).parameters else "past_key_values"
-    return parts[0], parts[1], kw
+    return parts[0], parts[1], cache_keyword(parts[0])
 
 
 register_candidate("hf", lambda rest, options, ctx: CausalLM(rest, options, ctx))

@@ -135,7 +135,7 @@ def classifier_job(task: Task, dataset: dict, home: Path, base: str, recipe: Cla
             ids, mask = collate(idx)
             dev = self.model.device
             logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-            return torch.nn.functional.cross_entropy(logits, y_all[idx].to(dev), reduction="sum") * weight
+            return torch.nn.functional.cross_entropy(logits.float(), y_all[idx].to(dev), reduction="sum") * weight
 
     def export(best_state: dict, metrics: dict) -> Path:
         final = folder / "model"

@@ -1,5 +1,5 @@
 """Pieces every training method shares: length-bucketed batches, the LR schedule,
-TensorBoard, the progress bar."""
+the training precision, TensorBoard, the progress bar."""
 
 from __future__ import annotations
 
@@ -32,6 +32,37 @@ def warmup_cosine(total: int, warmup_fraction: float):
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     return schedule
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware: a GPU that supports bf16, or a CPU
+    with AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than fp32)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_precision(setting: str, device) -> str:
+    """The recipe's `precision` on this device: fp32 or bf16 (`auto`: bf16 where it is native)."""
+    if setting == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return setting
+
+
+def autocast(precision: str, device):
+    """The context the training forward runs in: bf16 autocast (weights, gradients and the
+    optimiser stay fp32) or nothing."""
+    import contextlib
+
+    import torch
+
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def tensorboard(path: Path):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ProtegeError
-from .common import Stopper, bucketed_batches, progress_bar, tensorboard, warmup_cosine
+from .common import Stopper, autocast, bucketed_batches, progress_bar, resolve_precision, tensorboard, warmup_cosine
 from .runs import update_run
 
 
@@ -186,6 +186,11 @@ class Sharded(Weights):
         if not units:
             raise ProtegeError(f"strategy fsdp: {type(inner).__name__} names no transformer block class "
                                "(_no_split_modules) to shard by; use strategy ddp")
+        if getattr(self.trainer, "shared", 0):
+            # FSDP2 frees a block's gathered weights after its forward and gathers them again
+            # once for its backward; a block run twice in a step (a shared prompt prefix, then
+            # the rows) finds them gone, so sharded runs compute the prefix in every row
+            self.trainer.shared = 0
         mesh = init_device_mesh(train_device().type, (dist.world,))
         for m in units:
             fully_shard(m, mesh=mesh)
@@ -272,6 +277,7 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
 
         dev = train_device()
         trainer = DistributedDataParallel(trainer, device_ids=[dev.index] if dev.type == "cuda" else None)
+    precision = resolve_precision(getattr(recipe, "precision", "fp32"), train_device())
     save_every = getattr(recipe, "save_every", None) or recipe.eval_every
     ckpt = folder / "checkpoint"
     rng = random.Random(recipe.seed)
@@ -315,7 +321,8 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
                 weight = dist.world / max(denom, 1)
                 if not share:  # fewer examples than processes: join the all-reduce with nothing to add
                     share, weight = batch[:1], 0.0
-                loss = trainer(share, weight)
+                with autocast(precision, train_device()):
+                    loss = trainer(share, weight)
                 loss.backward()
                 state["micro"] += 1
                 state["work"] += work_of(batch)
@@ -376,7 +383,8 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
     metrics = {**job.metrics, "history": state["history"],
                "best_val_score": stop.best if job.evaluate is not None else None, "best_step": stop.best_step,
                "steps": state["step"], "stop_reason": stop.reason, "wall_s": wall,
-               "processes": dist.world, "strategy": ("fsdp" if sharded else "ddp") if dist.world > 1 else None}
+               "processes": dist.world, "strategy": ("fsdp" if sharded else "ddp") if dist.world > 1 else None,
+               "precision": precision}
     rate = (state["work"] - work0) / max(time.monotonic() - t_resume, 1e-6)
     unit = UNITS.get(job.unit, job.unit)
     metrics[f"train_{unit}_per_s"] = rate

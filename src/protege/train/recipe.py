@@ -43,6 +43,10 @@ class ClassifierRecipe(BaseModel):
     """Write a checkpoint for --resume every N steps (default: at every evaluation)."""
     keep: Literal["best", "last"] = "best"
     """Export the weights of the best validation score, or the last step's."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """Training arithmetic: `fp32`, or `bf16` autocast (weights, optimiser state and the saved
+    model stay fp32; validation runs in fp32, as serving does). `auto`: bf16 where the hardware
+    computes it natively (a bf16 GPU, a CPU with AVX512-BF16 or AMX), else fp32."""
     init_head: Literal["centroids", "random"] = "centroids"
     """Start the head from class centroids of the pooled features (converges in far fewer
     steps than a random head) or randomly."""
@@ -65,6 +69,10 @@ class _Run(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
     """Linear layers that get LoRA adapters (not used by method full)."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """Training arithmetic: `fp32`, or `bf16` autocast (weights, optimiser state and the saved
+    model stay fp32; validation runs in fp32, as serving does). `auto`: bf16 where the hardware
+    computes it natively (a bf16 GPU, a CPU with AVX512-BF16 or AMX), else fp32."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """With --nproc > 1: `ddp` (every process holds the whole model) or `fsdp` (weights,
     gradients and optimiser state sharded across the processes: models too big for one GPU)."""

@@ -24,7 +24,7 @@ import orjson
 import torch
 
 from ..errors import ProtegeError
-from ..models.causal import causal_parts
+from ..models.causal import cache_keyword, causal_parts, run_decoder
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric
 from ..tasks.spec import Task
@@ -125,24 +125,51 @@ def load_causal(base: str, home: Path, method: str, recipe: SFTRecipe, device=No
     return model.to(device or train_device()), tokenizer
 
 
-class CompletionLoss(torch.nn.Module):
-    """Summed cross-entropy on the completion tokens of a set of examples. The LM head runs
-    on those positions only: for short replies that skips most of its compute."""
+def shared_prefix(examples: list[tuple[list[int], list[int]]], minimum: int = 4) -> int:
+    """How many tokens every example starts with, stopping before the token ahead of the first
+    completion token (whose hidden state the loss needs in its own row); 0 when fewer than
+    `minimum`, where sharing would not pay."""
+    first = examples[0][0]
+    n = min(next(j for j, t in enumerate(y) if t != IGNORE) for _, y in examples) - 1
+    for x, _ in examples:
+        n = min(n, len(x))
+        for j in range(n):
+            if x[j] != first[j]:
+                n = j
+                break
+        if n < minimum:
+            return 0
+    return n
 
-    def __init__(self, model, examples: list[tuple[list[int], list[int]]], pad: int):
+
+class CompletionLoss(torch.nn.Module):
+    """Summed cross-entropy on the completion tokens of a set of examples.
+
+    Two savings, neither of which changes the loss: the LM head runs only on the positions
+    whose next token is a completion token (for short replies that skips most of its
+    compute); and when every example starts with the same tokens (the task's system prompt as
+    the chat template renders it) the decoder runs that prefix once per batch and every row
+    continues from its key/value cache, so the prefix's gradient is the sum over the rows, as
+    it would be had each row computed it."""
+
+    def __init__(self, model, examples: list[tuple[list[int], list[int]]], pad: int, share_prefix: bool = True):
         super().__init__()
         self.model = model
         self.examples, self.pad = examples, pad
         self.parts = causal_parts(model)
+        self.shared = shared_prefix(examples) if share_prefix and self.parts is not None else 0
+        self.kw = cache_keyword(self.parts[0]) if self.parts is not None else None
 
     def forward(self, idx, weight):
-        width = max(len(self.examples[i][0]) for i in idx)
+        L = self.shared
+        width = max(len(self.examples[i][0]) for i in idx) - L
         ids = torch.full((len(idx), width), self.pad, dtype=torch.long)
         labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
             x, y = self.examples[i]
-            ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+            ids[r, :len(x) - L], labels[r, :len(y) - L], mask[r, :len(x) - L] = \
+                torch.tensor(x[L:]), torch.tensor(y[L:]), 1
         dev = next(self.model.parameters()).device
         ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
         target = labels[:, 1:]
@@ -151,8 +178,17 @@ class CompletionLoss(torch.nn.Module):
             logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
         else:
             decoder, head = self.parts
-            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][keep]
-            logits = head(hidden)
+            if L:
+                prefix = torch.tensor([self.examples[idx[0]][0][:L]], device=dev)
+                _, cache = run_decoder(decoder, self.kw, prefix, torch.ones_like(prefix),
+                                       torch.arange(L, device=dev)[None], None)
+                cache.batch_repeat_interleave(len(idx))
+                mask = torch.cat([torch.ones((len(idx), L), dtype=mask.dtype, device=dev), mask], dim=1)
+                pos = torch.arange(L, L + width, device=dev)[None].expand(len(idx), -1)
+                hidden, _ = run_decoder(decoder, self.kw, ids, mask, pos, cache)
+            else:
+                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = head(hidden[:, :-1][keep])
         return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum") * weight
 
 
