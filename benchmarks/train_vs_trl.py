@@ -83,7 +83,8 @@ def main() -> None:
     # --- protege: the same job `protege train --method lora` builds, without mid-run evaluation
     recipe = load_recipe("lora", overrides=["epochs=1", "batch_size=16", "lr=2e-4", "warmup_fraction=0.05",
                                             f"lora_r={LORA['r']}", f"lora_alpha={LORA['alpha']}",
-                                            f"lora_dropout={LORA['dropout']}", "keep=last", "seed=0"])
+                                            f"lora_dropout={LORA['dropout']}", "keep=last", "seed=0",
+                                            "precision=fp32"])  # as TRL's bf16=False below
     folder = home / "runs" / "protege"
     folder.mkdir(parents=True)
     t0 = time.monotonic()
@@ -149,6 +150,7 @@ def main() -> None:
                 "steps": {"protege": metrics["steps"], "trl": out.global_step},
                 "protege": {"wall_s": protege_wall, "load_s": load_s, "train_loop_s": protege_train_s,
                             "tokens_per_s": metrics["train_tokens_per_s"], "tokens": protege_tokens,
+                            "precision": metrics["precision"],
                             "test_accuracy": protege_acc},
                 "trl": {"wall_s": trl_wall, "train_s": trl_train_s, "tokens_per_s": trl_tokens / trl_train_s,
                         "tokens": trl_tokens, "test_accuracy": trl_acc, "train_loss": out.training_loss,
