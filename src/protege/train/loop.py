@@ -272,12 +272,12 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
     total = max(1, int(steps_per_epoch * recipe.epochs) // accum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, recipe.warmup_fraction))
     trainer = job.loss_module
+    dev = train_device()
     if dist.world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
-        dev = train_device()
         trainer = DistributedDataParallel(trainer, device_ids=[dev.index] if dev.type == "cuda" else None)
-    precision = resolve_precision(getattr(recipe, "precision", "fp32"), train_device())
+    precision = resolve_precision(recipe.precision, dev)
     save_every = getattr(recipe, "save_every", None) or recipe.eval_every
     ckpt = folder / "checkpoint"
     rng = random.Random(recipe.seed)
@@ -321,7 +321,7 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
                 weight = dist.world / max(denom, 1)
                 if not share:  # fewer examples than processes: join the all-reduce with nothing to add
                     share, weight = batch[:1], 0.0
-                with autocast(precision, train_device()):
+                with autocast(precision, dev):
                     loss = trainer(share, weight)
                 loss.backward()
                 state["micro"] += 1

@@ -18,7 +18,23 @@ class RecipeError(ProtegeError):
     """A recipe file or override is invalid."""
 
 
-class ClassifierRecipe(BaseModel):
+class _Recipe(BaseModel):
+    """Keys every method shares: checkpoints, which weights to keep, the arithmetic, the seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    save_every: int | None = Field(None, ge=1)
+    """Write a checkpoint for --resume every N steps (default: at every evaluation)."""
+    keep: Literal["best", "last"] = "best"
+    """Export the weights of the best validation score, or the last step's."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """Training arithmetic: `fp32`, or `bf16` autocast (weights, optimiser state and the saved
+    model stay fp32; validation runs in fp32, as serving does). `auto`: bf16 where the hardware
+    computes it natively (a bf16 GPU, a CPU with AVX512-BF16 or AMX), else fp32."""
+    seed: int = 0
+
+
+class ClassifierRecipe(_Recipe):
     """Fine-tune an encoder with a classification head (method `classifier`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -39,40 +55,20 @@ class ClassifierRecipe(BaseModel):
     """Evaluate on the validation split every N optimiser steps (and at the end)."""
     early_stop_patience: int = Field(5, ge=1)
     """Stop after this many evaluations without a better validation score."""
-    save_every: int | None = Field(None, ge=1)
-    """Write a checkpoint for --resume every N steps (default: at every evaluation)."""
-    keep: Literal["best", "last"] = "best"
-    """Export the weights of the best validation score, or the last step's."""
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    """Training arithmetic: `fp32`, or `bf16` autocast (weights, optimiser state and the saved
-    model stay fp32; validation runs in fp32, as serving does). `auto`: bf16 where the hardware
-    computes it natively (a bf16 GPU, a CPU with AVX512-BF16 or AMX), else fp32."""
     init_head: Literal["centroids", "random"] = "centroids"
     """Start the head from class centroids of the pooled features (converges in far fewer
     steps than a random head) or randomly."""
-    seed: int = 0
 
 
-class _Run(BaseModel):
-    """Keys every causal-LM method shares: checkpoints, which weights to keep, the seed."""
+class _Run(_Recipe):
+    """Keys every causal-LM method shares: the LoRA adapters and the multi-process strategy."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    save_every: int | None = Field(None, ge=1)
-    """Write a checkpoint for --resume every N steps (default: at every evaluation)."""
-    keep: Literal["best", "last"] = "best"
-    """Export the weights of the best validation score, or the last step's."""
-    seed: int = 0
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
     """Linear layers that get LoRA adapters (not used by method full)."""
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    """Training arithmetic: `fp32`, or `bf16` autocast (weights, optimiser state and the saved
-    model stay fp32; validation runs in fp32, as serving does). `auto`: bf16 where the hardware
-    computes it natively (a bf16 GPU, a CPU with AVX512-BF16 or AMX), else fp32."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """With --nproc > 1: `ddp` (every process holds the whole model) or `fsdp` (weights,
     gradients and optimiser state sharded across the processes: models too big for one GPU)."""
