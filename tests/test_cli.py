@@ -180,3 +180,87 @@ def test_proxy_command_serves_and_flushes_on_stop(tmp_path, upstream):
     s = Store(f"sqlite:///{home / 'protege.db'}")
     assert s.count(task="cli") == 10 and s.count(endpoint="models") >= 1
     s.close()
+
+
+def test_import_quarantine_back_with_format_traces(capsys, tmp_path, home):
+    import orjson
+
+    from protege.traces.record import TraceRecord
+
+    records = [TraceRecord(request={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"}]},
+                           output_text=f"a{i}", source="proxy", task="demo", model="gpt-4o-mini", latency_ms=50.0 + i,
+                           metadata={"protege_quarantine": {"error": "refused", "at": "2026-01-01T00:00:00Z"}})
+               for i in range(3)]
+    quarantine = home / "spool" / "quarantine.jsonl"
+    quarantine.parent.mkdir(parents=True)
+    quarantine.write_bytes(b"".join(orjson.dumps(r.to_json()) + b"\n" for r in records))
+    code, out, _ = run(capsys, "traces", "import", str(quarantine), "--format", "traces", "--json")
+    assert code == 0 and json.loads(out) == {"path": str(quarantine), "read": 3, "added": 3, "already_present": 0}
+    code, out, _ = run(capsys, "traces", "import", str(quarantine), "--format", "traces")
+    assert code == 0 and "3 read, 0 added, 3 already in the store" in " ".join(out.split())
+    code, out, _ = run(capsys, "traces", "list", "--json")
+    assert sorted((r["id"], r["source"], r["output_text"]) for r in json.loads(out)) == \
+        [(r.id, "proxy", r.output_text) for r in records]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(orjson.dumps({**records[0].to_json(), "id": "x"}) + b"\n")
+    code, _, err = run(capsys, "traces", "import", str(bad), "--format", "traces")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"{bad}:1: 'id' must be a trace id" in err
+
+
+def test_unstorable_import_is_one_line_and_stores_nothing(capsys, tmp_path):
+    nul = {**ROWS[0], "messages": [{"role": "user", "content": "\u0000"}, {"role": "assistant", "content": "x"}]}
+    for bad, message in (({**ROWS[0], "model": 123}, "'model' must be a string, found int 123"),
+                         (nul, "'request' holds 1 NUL characters, which the store cannot hold")):
+        f = write_jsonl(tmp_path / "t.jsonl", ROWS + [bad])
+        code, _, err = run(capsys, "traces", "import", str(f))
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert f"{f}:6: {message}" in " ".join(err.split())
+    code, out, _ = run(capsys, "traces", "stats", "--json")
+    assert json.loads(out)["traces"] == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["traces", "list", "--limit", "99999999999999999999"],
+    ["traces", "list", "--offset", "99999999999999999999"],
+    ["traces", "list", "--offset", "-1"],
+])
+def test_huge_limits_are_usage_errors(capsys, args):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and args[2] in err and "Traceback" not in err
+
+
+def test_largest_limit_and_offset_work(capsys):
+    code, out, _ = run(capsys, "traces", "list", "--limit", "1000000000000", "--offset", "1000000000000",
+                        "--json")
+    assert code == 0 and json.loads(out) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["traces", "show", "____"], "'____' is not a trace id or id prefix: ids hold only hex digits and '-' (found '_')"),
+    (["traces", "show", "01%"], "'01%' is not a trace id or id prefix"),
+    (["runs", "show", "%"], "'%' is not a run id or id prefix"),
+    (["serve", "run:%"], "'%' is not a train run id or id prefix"),
+    (["serve", "run:"], "give a train run id or a unique prefix of one"),
+])
+def test_id_wildcards_are_refused(capsys, tmp_path, args, message):
+    f = write_jsonl(tmp_path / "t.jsonl", ROWS[:1])
+    run(capsys, "traces", "import", str(f))
+    code, _, err = run(capsys, *args)
+    assert code == 1 and message in " ".join(err.split())
+
+
+def test_a_refusal_validation_cannot_foresee_is_one_line(capsys, tmp_path, home):
+    """The importer's backstop: the store refuses a row (here a trigger), the import names the lines."""
+    store = Store(f"sqlite:///{home / 'protege.db'}")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON traces WHEN NEW.task = 'evil' "
+                             "BEGIN SELECT RAISE(ABORT, 'refused by policy'); END")
+    f = write_jsonl(tmp_path / "t.jsonl", [ROWS[0], {**ROWS[1], "task": "evil"}, ROWS[2]])
+    code, _, err = run(capsys, "traces", "import", str(f))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (f"{f}:1-3: the store refused a trace on these lines (refused by policy); nothing was stored"
+            in " ".join(err.split()))
+    assert store.count() == 0
+    store.close()

@@ -211,3 +211,35 @@ def test_group_by_rejected_with_stratified(tmp_path):
 
     with pytest.raises(TaskError, match="group_by works with method random or temporal"):
         task_file(tmp_path, "split: {method: stratified, group_by: dialog_id}\n")
+
+
+def test_build_sweeps_folders_of_killed_builds(store, tmp_path, home):
+    """A build killed mid-freeze leaves `.build-*`; the next build removes it, never a living one's."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    fill(store, n=5)
+    root = home / "datasets"
+    root.mkdir(parents=True)
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:40]  # as builds name their folders
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = root / f".build-{int(finished.stdout)}-{host}-abcd1234"
+    living = root / f".build-{os.getpid()}-{host}-efgh5678"
+    elsewhere = root / ".build-1-another-machine-ijkl9012"  # its pid means nothing here: kept until a day old
+    no_such_pid = root / f".build-{10**30}-{host}-uvwx1234"
+    old_naming, young_old_naming = root / ".build-mnop3456", root / ".build-qrst7890"
+    for folder in (dead, living, elsewhere, old_naming, young_old_naming, no_such_pid):
+        folder.mkdir()
+        (folder / "train.jsonl").write_bytes(b"x" * 1000)
+    day_ago = time.time() - 25 * 3600
+    os.utime(old_naming, (day_ago, day_ago))
+    result = build_dataset(store, task_file(tmp_path), home)
+    assert result.created
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith(".build-"))
+    assert left == sorted([living.name, elsewhere.name, young_old_naming.name])
+    assert (living / "train.jsonl").exists()

@@ -192,3 +192,216 @@ def test_missing_and_corrupt_files(store, tmp_path):
     with pytest.raises(ProtegeError, match="unknown import format 'xml'"):
         import_file(store, gz, ImportOptions(format="xml"))
     assert store.count() == 0
+
+
+def user_then(content):
+    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]}
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    (chat("q", "a", model=123), "'model' must be a string, found int 123"),
+    ({"request": {"model": "m", "messages": [{"role": "user", "content": "q"}]},
+      "response": {"model": ["m"], "choices": [{"message": {"content": "a"}}]}},
+     "'response.model' must be a string, found list"),
+    (chat("q", "a", created_at=1e20), "'created_at' is not an ISO-8601 time or unix seconds in the years 1 to 9999: 1e+20"),
+    (chat("q", "a", created_at="99999-01-01T00:00:00"), "'created_at' is not an ISO-8601 time"),
+    (chat("q", "a", created_at="0001-01-01T00:00:00+14:00"), "'created_at' is not an ISO-8601 time"),
+    (chat("q", "a", created_at=[2026]), "'created_at' must be an ISO-8601 time or unix seconds, found list"),
+    (chat("q", "a", usage={"prompt_tokens": 2**63 + 1, "completion_tokens": 1}),
+     "'prompt_tokens' is 9223372036854775809, out of range: the store holds integers from -2147483648 to 2147483647"),
+    (chat("q", "a", usage={"prompt_tokens": 10, "completion_tokens": 2**31}), "'completion_tokens' is 2147483648, out of range"),
+    (user_then(5), "'messages[1].content' must be a string or a list of content parts, found int 5"),
+    (user_then({"text": "a"}), "'messages[1].content' must be a string or a list of content parts, found dict"),
+    (user_then([{"type": "text", "text": 5}]), "'messages[1].content[0].text' must be a string, found int"),
+    (user_then(["a"]), "'messages[1].content[0]' must be a content part object, found str"),
+    ({"request": {"messages": [{"role": "user", "content": "q"}]},
+      "response": {"choices": [{"message": {"content": [{"text": 1}]}}]}},
+     "'response.choices[0].message.content[0].text' must be a string"),
+    (chat("a\u0000b", "a"), "'request' holds 1 NUL characters, which the store cannot hold"),
+    (chat("q", "a\u0000"), "'output_text' holds 1 NUL characters"),
+    (chat("q", "a", metadata={"note": "\u0000"}), "'metadata' holds 1 NUL characters"),
+    (chat("q", "a", task="t" * 201), "'task' is 201 characters; the store holds at most 200"),
+    (chat("q", "a", model="m" * 201), "'model' is 201 characters; the store holds at most 200"),
+    (chat("q", "a", task=7), "'task' must be a string, found int 7"),
+])
+def test_unstorable_line_fails_whole_import(store, tmp_path, bad_row, message):
+    """What a store would refuse (PostgreSQL: NUL, over-long text, 32-bit overflow) is a
+    file:line error on either store, before anything is written."""
+    f = jsonl(tmp_path / "bad.jsonl", [json.dumps(chat(f"good {i}", "ok")) for i in range(2500)] + [bad_row, GOOD])
+    with pytest.raises(InputError) as info:
+        import_file(store, f, ImportOptions(), prices=load_prices())
+    assert str(info.value).startswith(f"{f}:2501: ") and message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert store.count() == 0
+
+
+def test_wide_json_integers_in_metadata_are_kept(store, tmp_path):
+    """Integers past 2^63 are fine inside JSON columns (orjson writes up to 2^64): stored exactly."""
+    f = jsonl(tmp_path / "t.jsonl", [chat("q", "a", metadata={"big": 2**63 + 1, "small": -(2**63)})])
+    assert import_file(store, f, ImportOptions()).added == 1
+    assert store.list_traces()[0]["metadata"] == {"big": 2**63 + 1, "small": -(2**63)}
+
+
+def test_store_errors_past_validation_are_one_line(store, tmp_path, monkeypatch):
+    """The backstop: a row the store refuses that validation let through names the chunk's lines."""
+    from protege.traces import clean
+
+    monkeypatch.setattr(clean, "problems", lambda record: [])
+    bad = chat("q", "a", usage={"prompt_tokens": 2**63 + 1, "completion_tokens": 1})
+    f = jsonl(tmp_path / "bad.jsonl", [json.dumps(chat(f"good {i}", "ok")) for i in range(2100)] + [bad])
+    with pytest.raises(ProtegeError) as info:
+        import_file(store, f, ImportOptions())
+    text = str(info.value)
+    assert text.startswith(f"{f}:2001-2101: the store refused a trace on these lines (")
+    assert text.endswith("); nothing was stored") and "\n" not in text
+    assert store.count() == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("bad_row", [chat("a\u0000b", "x"), chat("q", "a", task="t" * 201),
+                                     chat("q", "a", usage={"prompt_tokens": 2**31, "completion_tokens": 1})])
+def test_postgres_data_errors_past_validation_are_one_line(pg_schema, tmp_path, monkeypatch, bad_row):
+    from protege.traces import clean
+    from protege.traces.store import Store
+
+    store = Store(pg_schema.url)
+    monkeypatch.setattr(clean, "problems", lambda record: [])
+    f = jsonl(tmp_path / "bad.jsonl", [GOOD, bad_row, GOOD])
+    with pytest.raises(ProtegeError, match=r"bad\.jsonl:1-3: the store refused a trace on these lines \(.+\); nothing"):
+        import_file(store, f, ImportOptions())
+    assert store.count() == 0
+    store.close()
+
+
+def test_overlong_task_flag_is_refused_up_front(store, tmp_path):
+    f = jsonl(tmp_path / "t.jsonl", [GOOD])
+    with pytest.raises(ProtegeError, match="--task is 201 characters; the store holds at most 200"):
+        import_file(store, f, ImportOptions(task="t" * 201))
+
+
+def record_line(record) -> str:
+    import orjson
+
+    return orjson.dumps(record.to_json(), option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def quarantined():
+    """Traces as the writer sets them aside: TraceRecord.to_json(), one a line."""
+    from datetime import datetime, timezone
+
+    from protege.traces.record import TraceRecord
+
+    return [
+        TraceRecord(request={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                    response={"choices": [{"message": {"role": "assistant", "content": "hello"}}]},
+                    output_text="hello", source="proxy", task="greet", provider="openai", model="gpt-4o-mini",
+                    prompt_tokens=3, completion_tokens=1, latency_ms=120.5, ttft_ms=40.0, cost_usd=1e-6,
+                    http_status=200, stream=True, created_at=datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc),
+                    metadata={"protege_quarantine": {"error": "value too long", "at": "2026-03-04T05:06:08Z"}}),
+        TraceRecord(request={"messages": [{"role": "user", "content": "boom"}]}, source="sdk", status="error",
+                    http_status=502, error="upstream refused", endpoint="completions", feedback={"rating": 1}),
+    ]
+
+
+def test_traces_format_reads_back_the_quarantine(store, tmp_path):
+    records = quarantined()
+    f = tmp_path / "quarantine.jsonl"
+    f.write_text("".join(record_line(r) + "\n" for r in records) + "\n")
+    result = import_file(store, f, ImportOptions(format="traces"))
+    assert (result.read, result.added, result.already_present) == (2, 2, 0)
+    rows = {r["id"]: r for r in store.iter_traces()}
+    assert set(rows) == {r.id for r in records}
+    for record in records:
+        row = rows[record.id]
+        expected = record.to_row()
+        expected.pop("content_hash")
+        got = {k: row[k] for k in expected}
+        got["created_at"] = got["created_at"].replace(tzinfo=got["created_at"].tzinfo or expected["created_at"].tzinfo)
+        assert got == expected
+        assert row["content_hash"] is not None
+    again = import_file(store, f, ImportOptions(format="traces"))
+    assert (again.read, again.added, again.already_present) == (2, 0, 2)
+    # the same traces once more, in another file with a copy of one line: their ids are stored already
+    other = tmp_path / "spool.jsonl"
+    other.write_text(record_line(records[0]) + "\n" + record_line(records[0]).replace("hello", "HELLO") + "\n")
+    assert import_file(store, other, ImportOptions(format="traces")).added == 0
+    assert store.count() == 2
+
+
+def test_traces_format_same_trace_twice_in_a_file_is_stored_once(store, tmp_path):
+    record = quarantined()[1]
+    f = jsonl(tmp_path / "twice.jsonl", [record_line(record), record_line(record)])
+    result = import_file(store, f, ImportOptions(format="traces", task="retagged"))
+    assert (result.read, result.added, result.already_present) == (2, 1, 1)
+    assert [r["task"] for r in store.iter_traces()] == ["retagged"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"id": "not-an-id"}, "'id' must be a trace id (a lowercase UUID"),
+    ({"id": 12}, "'id' must be a trace id"),
+    ({"source": "robot"}, "'source' must be one of proxy, sdk, import, serve; found 'robot'"),
+    ({"status": None}, "'status' must be one of ok, error; found None"),
+    ({"created_at": "soon"}, "'created_at' is not an ISO-8601 time"),
+    ({"created_at": 1e20}, "'created_at' is not an ISO-8601 time"),
+    ({"request": "hi"}, "'request' must be an object"),
+    ({"stream": "yes"}, "'stream' must be true or false, found 'yes'"),
+    ({"endpoint": None}, "'endpoint' must be a string, found None"),
+    ({"metadata": []}, "'metadata' must be an object, found []"),
+    ({"feedback": "good"}, "'feedback' must be an object or null"),
+    ({"colour": "red"}, "unknown field(s) 'colour'; a trace line holds the fields of TraceRecord.to_json(): request"),
+    ({"model": 123}, "'model' must be a string, found int 123"),
+    ({"prompt_tokens": "12"}, "'prompt_tokens' is '12', not an integer (str)"),
+    ({"completion_tokens": 2**40}, "'completion_tokens' is 1099511627776, out of range"),
+    ({"latency_ms": True}, "'latency_ms' is True, not a finite number"),
+    ({"output_text": "a\u0000b"}, "'output_text' holds 1 NUL characters"),
+    ({"task": "t" * 300}, "'task' is 300 characters; the store holds at most 200"),
+])
+def test_traces_format_bad_line(store, tmp_path, change, message):
+    good = quarantined()[0]
+    bad = {**good.to_json(), **change}
+    f = jsonl(tmp_path / "q.jsonl", [record_line(quarantined()[1]), json.dumps(bad)])
+    with pytest.raises(InputError) as info:
+        import_file(store, f, ImportOptions(format="traces"))
+    assert str(info.value).startswith(f"{f}:2: ") and message in str(info.value)
+    assert store.count() == 0
+
+
+def test_traces_format_not_json(store, tmp_path):
+    f = jsonl(tmp_path / "q.jsonl", ['{"request": {"messages": []}', "[1]"])
+    with pytest.raises(InputError, match=r"q\.jsonl:1: not valid JSON"):
+        import_file(store, f, ImportOptions(format="traces"))
+    f = jsonl(tmp_path / "q.jsonl", ["[1]"])
+    with pytest.raises(InputError, match=r"q\.jsonl:1: expected a JSON object, found list"):
+        import_file(store, f, ImportOptions(format="traces"))
+
+
+@pytest.mark.postgres
+def test_store_lost_mid_import_is_one_line(pg_schema, tmp_path):
+    """The connection dies between two chunks: a clean StoreError, and the first chunk is not kept."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from protege.errors import StoreError
+    from protege.traces.store import Store
+
+    name = f"protege_import_{uuid.uuid4().hex[:8]}"
+    store = Store(f"{pg_schema.url}&application_name={name}")
+    f = jsonl(tmp_path / "t.jsonl", [json.dumps(chat(f"good {i}", "ok")) for i in range(2500)])
+    lines_read = 0
+
+    def cut_the_connection_at_line_2100(_bytes):
+        nonlocal lines_read
+        lines_read += 1
+        if lines_read == 2100:
+            with pg_schema.admin.begin() as conn:
+                conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                     "WHERE application_name = :name"), {"name": name})
+
+    with pytest.raises(StoreError) as info:
+        import_file(store, f, ImportOptions(), on_bytes=cut_the_connection_at_line_2100)
+    text = str(info.value)
+    assert text.startswith(f"{f}: cannot write to the trace store at postgresql") and "\n" not in text
+    assert text.endswith("nothing was stored: import the file again once the store answers")
+    assert store.count() == 0
+    store.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import sqlalchemy as sa
 
 import pytest
@@ -100,3 +102,49 @@ def test_assemble_sse_and_usage():
     assert problem == "stream ended before data: [DONE]"
     _, problem = assemble_sse(b'data: {"error":{"message":"overloaded"}}\n\n', "chat/completions")
     assert "overloaded" in problem
+
+
+def test_id_prefixes_match_literally(store):
+    """`_` and `%` are LIKE wildcards: a prefix holding them is refused, never matched loosely."""
+    records = [TraceRecord(request={"messages": []}, output_text=str(i)) for i in range(3)]
+    store.insert_traces(records)
+    target = records[1]
+    assert store.get_trace(target.id[:-4])["output_text"] == "1"
+    assert store.get_trace(target.id.upper())["output_text"] == "1"  # ids are lowercase; case is forgiven
+    for bad in ("____", "%", target.id[:8] + "%", target.id[:8] + "_", "0'; --", "run:01"):
+        with pytest.raises(NotFoundError, match=r"is not a trace id or id prefix: ids hold only hex digits and '-'"):
+            store.get_trace(bad)
+    with pytest.raises(NotFoundError, match="give a trace id"):
+        store.get_trace("")
+    with pytest.raises(NotFoundError, match="is ambiguous"):
+        store.get_trace(os.path.commonprefix([r.id for r in records]))
+    with pytest.raises(NotFoundError, match="no trace with id 'ffff'"):
+        store.get_trace("ffff")
+
+
+def test_run_prefixes_match_literally(store):
+    from datetime import datetime, timezone
+
+    from protege.traces import schema
+    from protege.train.runs import get_run
+
+    ids = [uuid7(), uuid7()]
+    with store.engine.begin() as conn:
+        for run_id, kind in zip(ids, ("train", "bench")):
+            conn.execute(schema.runs.insert().values(id=run_id, kind=kind, status="done", config={},
+                                                     created_at=datetime.now(timezone.utc)))
+    assert get_run(store, ids[0][:6])["id"] == ids[0]  # the bench run does not count for kind=train
+    assert get_run(store, ids[1], kind=None)["kind"] == "bench"
+    for bad in ("%", "_", "", ids[0][:6] + "%"):
+        with pytest.raises(NotFoundError, match="run id"):
+            get_run(store, bad)
+    with pytest.raises(NotFoundError, match="is ambiguous"):
+        get_run(store, os.path.commonprefix(ids), kind=None)
+
+
+def test_largest_cli_limit_and_offset_reach_the_store(store):
+    from protege.cli.common import MAX_ROWS
+
+    store.insert_traces([TraceRecord(request={"messages": []})])
+    assert store.list_traces(limit=MAX_ROWS, offset=MAX_ROWS) == []
+    assert len(store.list_traces(limit=MAX_ROWS)) == 1

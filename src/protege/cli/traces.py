@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import console, err, fmt, open_store, print_json, settings
+from .common import MAX_ROWS, console, err, fmt, open_store, print_json, settings
+
 
 traces_app = typer.Typer(help="Inspect, import and export captured traces.", no_args_is_help=True)
 
@@ -18,7 +19,9 @@ traces_app = typer.Typer(help="Inspect, import and export captured traces.", no_
 def traces_import(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="File to import (.gz accepted)."),
-    fmt: str = typer.Option("openai-jsonl", "--format", help="openai-jsonl | openai-batch | csv"),
+    fmt: str = typer.Option("openai-jsonl", "--format",
+                            help="openai-jsonl | openai-batch | csv | traces (one TraceRecord JSON a line, as in "
+                                 "HOME/spool/quarantine.jsonl; ids are kept)."),
     task: Optional[str] = typer.Option(None, "--task", help="Task tag for every imported trace."),
     input_col: str = typer.Option("input", "--input-col", help="csv: column holding the user message."),
     output_col: str = typer.Option("output", "--output-col", help="csv: column holding the model's reply."),
@@ -29,7 +32,9 @@ def traces_import(
                                                help="openai-batch: the batch's input JSONL (the requests)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ):
-    """Import traces in one transaction; a bad line aborts it all. Re-imports add nothing."""
+    """Import traces in one transaction; a bad line aborts it all. Re-imports add nothing.
+
+    --format traces reads back what the trace writer set aside in HOME/spool/quarantine.jsonl."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from ..prices import cached_prices
@@ -90,8 +95,8 @@ def traces_list(
     status: Optional[str] = typer.Option(None, "--status", help="ok | error"),
     source: Optional[str] = typer.Option(None, "--source", help="proxy | sdk | import | serve"),
     model: Optional[str] = typer.Option(None, "--model"),
-    limit: int = typer.Option(20, "--limit", min=1),
-    offset: int = typer.Option(0, "--offset", min=0),
+    limit: int = typer.Option(20, "--limit", min=1, max=MAX_ROWS, help="At most this many traces."),
+    offset: int = typer.Option(0, "--offset", min=0, max=MAX_ROWS, help="Skip this many of the newest first."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """The newest traces first."""

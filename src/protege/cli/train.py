@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ProtegeError
-from .common import console, err, fmt, open_store, print_json, settings
+from .common import MAX_ROWS, console, err, fmt, open_store, print_json, settings
 
 runs_app = typer.Typer(help="Training and bench runs.", no_args_is_help=True)
 
@@ -88,7 +88,7 @@ def curve_cmd(
     fractions: str = typer.Option("0.1,0.25,0.5,1.0", "--fractions", help="Shares of the train split, nested."),
     config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (see recipes/)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key (repeatable)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score on a fixed random sample of N test rows."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=MAX_ROWS, help="Score on a fixed random sample of N test rows."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):

@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -35,6 +38,9 @@ from ..traces.store import Store
 from . import dedupe, pii
 
 SPLITS = ("train", "validation", "test")
+STALE_AFTER_S = 24 * 3600
+"""A build folder this old whose builder cannot be checked (another machine, older naming) is stale."""
+_BUILD_DIR = re.compile(r"\.build-(?P<pid>\d+)-(?P<host>.+)-[^-]+")
 
 
 @dataclass
@@ -357,10 +363,51 @@ def freeze_splits(store: Store, task: Task, home: Path, splits: dict[str, list[d
     return _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, leakage, tokens, test_from)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:  # not a process (kill would signal a whole process group)
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: past any pid
+        return False
+    except OSError:  # EPERM: a living process of another user
+        return True
+    return True
+
+
+def _sweep_stale_builds(root: Path) -> None:
+    """Remove the `.build-*` folders of builds killed mid-freeze (their files can be large).
+
+    A folder is named `.build-<pid>-<host>-<random>` by its builder: on this host it is stale
+    once that pid is gone; from another host sharing the folder, or named before pids were
+    (`.build-<random>`), once it is a day old. A living build's folder is never touched."""
+    try:
+        entries = [e for e in root.iterdir() if e.name.startswith(".build-") and e.is_dir()]
+    except OSError:
+        return
+    host = _host()
+    for entry in entries:
+        named = _BUILD_DIR.fullmatch(entry.name)
+        if named and named["host"] == host:
+            stale = not _alive(int(named["pid"]))
+        else:
+            try:
+                stale = time.time() - entry.stat().st_mtime > STALE_AFTER_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, leakage, tokens, test_from) -> BuildResult:
     t = schema.datasets
     root = Path(home) / "datasets"
     path = root / content_hash[:16]
+    _sweep_stale_builds(root)
     with store.engine.begin() as conn:
         existing = conn.execute(sa.select(t).where(t.c.task == task.name, t.c.content_hash == content_hash)).first()
         if existing is not None and Path(existing.path).exists():
@@ -368,7 +415,7 @@ def _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, le
             return BuildResult(r["id"], task.name, r["version"], Path(r["path"]), r["split_sizes"], steps, pii_counts,
                                leakage, tokens, created=False)
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{os.getpid()}-{_host()}-", dir=root))
         try:
             for name, blob in blobs.items():
                 (tmp / f"{name}.jsonl").write_bytes(blob)

@@ -11,33 +11,45 @@ Formats:
   input file (`--batch-input`), which holds the requests.
 - `csv`: one call a row: `--input-col` becomes the user message, `--output-col` the reply,
   `--system-prompt-file` an optional system message; other columns go to metadata.
+- `traces`: one `TraceRecord.to_json()` object a line, what the trace spool and the
+  quarantine file (`HOME/spool/quarantine.jsonl`) hold. Each line keeps its `id` (and its
+  `content_hash`, if it has one), so a trace already in the store is not added again.
 
-Every import is one transaction: any malformed line fails the whole import with
-`file:line: what is wrong` and leaves the store unchanged. Each record carries a content
-hash (its source bytes, its task, and which occurrence of identical content it is), so
-importing the same file again adds nothing.
+Every import is one transaction: any malformed line, or one holding what a store cannot
+(traces/clean.py: NUL characters, an over-long `task` or `model`, token counts past 32
+bits, ...), fails the whole import with `file:line: what is wrong` and leaves the store
+unchanged. Each record carries a content hash (its source bytes, its task, and which
+occurrence of identical content it is), so importing the same file again adds nothing.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
+import sqlalchemy as sa
 
 from ..capture import normalize
-from ..errors import InputError, ProtegeError
+from ..config import redact_url
+from ..errors import InputError, ProtegeError, StoreError
 from ..prices import PriceTable
-from .record import TraceRecord, parse_time
-from .store import Store
+from . import clean
+from .record import SOURCES, STATUSES, TraceRecord, parse_time
+from .store import Store, is_connection_error
 
-FORMATS = ("openai-jsonl", "openai-batch", "csv")
+FORMATS = ("openai-jsonl", "openai-batch", "csv", "traces")
 CHUNK = 2000
+TRACE_FIELDS = tuple(f.name for f in dataclasses.fields(TraceRecord))
+TRACE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""A trace id as protege makes them (ids.uuid7): a lowercase canonical UUID."""
 
 
 @dataclass
@@ -99,6 +111,65 @@ def _fail(path, line, message):
     raise InputError(str(path), line, message)
 
 
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _load_object(path, line, raw: bytes) -> dict:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        _fail(path, line, f"not valid JSON ({exc})")
+    if not isinstance(obj, dict):
+        _fail(path, line, f"expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _time(path, line, value, key: str):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        _fail(path, line, f"'{key}' must be an ISO-8601 time or unix seconds, found {type(value).__name__}")
+    try:
+        return parse_time(str(value))
+    except (ValueError, OverflowError, OSError):  # OverflowError/OSError: past what a datetime holds
+        _fail(path, line, f"'{key}' is not an ISO-8601 time or unix seconds in the years 1 to 9999: {_brief(value)}")
+
+
+def _check_text(path, line, value, key: str) -> None:
+    if value is not None and not isinstance(value, str):
+        _fail(path, line, f"'{key}' must be a string, found {type(value).__name__} {_brief(value)}")
+
+
+def _check_parts(path, line, content, where: str) -> None:
+    """Content parts must be objects whose `text`, if any, is a string (an image part has none)."""
+    if not isinstance(content, list):
+        return
+    for i, part in enumerate(content):
+        if not isinstance(part, dict):
+            _fail(path, line, f"'{where}[{i}]' must be a content part object, found {type(part).__name__}")
+        if not isinstance(part.get("text", ""), str):
+            _fail(path, line, f"'{where}[{i}].text' must be a string, found {type(part['text']).__name__}")
+
+
+def _reply_text(path, line, message: dict, where: str) -> str | None:
+    content = message.get("content")
+    if content is not None and not isinstance(content, (str, list)):
+        _fail(path, line, f"'{where}' must be a string or a list of content parts, found "
+                          f"{type(content).__name__} {_brief(content)}")
+    _check_parts(path, line, content, where)
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content)
+    return content
+
+
+def _response_text(path, line, endpoint: str, response, where: str) -> str | None:
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if endpoint == "chat/completions" and isinstance(choices, list) and choices and isinstance(choices[0], dict) \
+            and isinstance(choices[0].get("message"), dict):
+        _check_parts(path, line, choices[0]["message"].get("content"), f"{where}.choices[0].message.content")
+    return normalize.output_text(endpoint, response)
+
+
 def _check_messages(path, line, messages, where="messages") -> None:
     if not isinstance(messages, list) or not messages:
         _fail(path, line, f"'{where}' must be a non-empty list of {{role, content}} objects")
@@ -106,21 +177,20 @@ def _check_messages(path, line, messages, where="messages") -> None:
         if not isinstance(m, dict):
             _fail(path, line, f"'{where}[{i}]' must be an object, found {type(m).__name__}")
         if m.get("role") not in ("system", "developer", "user", "assistant", "tool", "function"):
-            _fail(path, line, f"'{where}[{i}].role' must be system, developer, user, assistant or tool; found {m.get('role')!r}")
+            _fail(path, line, f"'{where}[{i}].role' must be system, developer, user, assistant or tool; "
+                              f"found {_brief(m.get('role'))}")
         if "content" not in m and not m.get("tool_calls"):
             _fail(path, line, f"'{where}[{i}]' has no 'content'")
 
 
 def _common(path, line, obj: dict, record: TraceRecord, prices: PriceTable | None) -> TraceRecord:
-    if "created_at" in obj and obj["created_at"] is not None:
-        try:
-            record.created_at = parse_time(str(obj["created_at"]))
-        except ValueError:
-            _fail(path, line, f"'created_at' is not an ISO-8601 time or unix seconds: {obj['created_at']!r}")
+    if obj.get("created_at") is not None:
+        record.created_at = _time(path, line, obj["created_at"], "created_at")
     if obj.get("latency_ms") is not None:
-        if not isinstance(obj["latency_ms"], (int, float)) or obj["latency_ms"] < 0:
-            _fail(path, line, f"'latency_ms' must be a non-negative number, found {obj['latency_ms']!r}")
-        record.latency_ms = float(obj["latency_ms"])
+        value = obj["latency_ms"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            _fail(path, line, f"'latency_ms' must be a non-negative number, found {_brief(value)}")
+        record.latency_ms = float(value)
     if obj.get("metadata") is not None:
         if not isinstance(obj["metadata"], dict):
             _fail(path, line, "'metadata' must be an object")
@@ -133,6 +203,8 @@ def _common(path, line, obj: dict, record: TraceRecord, prices: PriceTable | Non
         if not isinstance(obj["reference"], str):
             _fail(path, line, "'reference' must be a string (the correct output)")
         record.feedback = {**(record.feedback or {}), "correction": obj["reference"]}
+    _check_text(path, line, record.task, "task")
+    _check_text(path, line, record.model, "model")
     if record.prompt_tokens is not None and prices is not None:
         record.cost_usd = prices.cost(record.model, record.prompt_tokens, record.completion_tokens, record.cached_tokens)
     if record.model and prices is not None:
@@ -143,12 +215,7 @@ def _common(path, line, obj: dict, record: TraceRecord, prices: PriceTable | Non
 def _parse_openai_line(path, line, raw: bytes, task, prices) -> TraceRecord | None:
     if not raw.strip():
         return None
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        _fail(path, line, f"not valid JSON ({exc})")
-    if not isinstance(obj, dict):
-        _fail(path, line, f"expected a JSON object, found {type(obj).__name__}")
+    obj = _load_object(path, line, raw)
     line_task = obj.get("task", task) if task is None else task
     if "request" in obj:
         request, response = obj["request"], obj.get("response")
@@ -159,7 +226,9 @@ def _parse_openai_line(path, line, raw: bytes, task, prices) -> TraceRecord | No
             _check_messages(path, line, request.get("messages"), "request.messages")
         if not isinstance(response, dict):
             _fail(path, line, "'response' must be an object (the response body the API returned)")
-        text = normalize.output_text(endpoint, response)
+        _check_text(path, line, request.get("model"), "request.model")
+        _check_text(path, line, response.get("model"), "response.model")
+        text = _response_text(path, line, endpoint, response, "response")
         if text is None and "error" not in response:
             _fail(path, line, "'response' has no choices[0].message.content (or .text)")
         prompt, completion, cached = normalize.usage(response)
@@ -177,9 +246,7 @@ def _parse_openai_line(path, line, raw: bytes, task, prices) -> TraceRecord | No
         request = {k: v for k, v in obj.items() if k not in ("messages", "task", "metadata", "created_at", "latency_ms",
                                                               "usage", "feedback", "reference")}
         request["messages"] = messages[:-1]
-        text = last.get("content")
-        if isinstance(text, list):
-            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        text = _reply_text(path, line, last, f"messages[{len(messages) - 1}].content")
         response = {"object": "chat.completion", "model": obj.get("model"),
                     "choices": [{"index": 0, "message": last, "finish_reason": "stop"}]}
         if isinstance(obj.get("usage"), dict):
@@ -190,58 +257,61 @@ def _parse_openai_line(path, line, raw: bytes, task, prices) -> TraceRecord | No
                              cached_tokens=cached)
     else:
         _fail(path, line, "expected a 'messages' list (chat/fine-tuning format) or a 'request'/'response' pair")
-    if record.task is not None and not isinstance(record.task, str):
-        _fail(path, line, "'task' must be a string")
     return _common(path, line, obj, record, prices)
 
 
-def _iter_openai_jsonl(path: Path, opts: ImportOptions, prices, on_bytes) -> Iterator[tuple[bytes, TraceRecord]]:
+def _iter_openai_jsonl(path: Path, opts: ImportOptions, prices, on_bytes) -> Iterator[tuple[int, bytes, TraceRecord]]:
     for line, raw in _read_lines(path, on_bytes):
         record = _parse_openai_line(path, line, raw, opts.task, prices)
         if record is not None:
-            yield raw.strip(), record
+            yield line, raw.strip(), record
 
 
-def _iter_batch(path: Path, opts: ImportOptions, prices, on_bytes) -> Iterator[tuple[bytes, TraceRecord]]:
+def _batch_inputs(in_path: Path) -> dict[str, tuple[dict, str]]:
+    inputs: dict[str, tuple[dict, str]] = {}
+    for line, raw in _read_lines(in_path, None):
+        if not raw.strip():
+            continue
+        obj = _load_object(in_path, line, raw)
+        if not isinstance(obj.get("custom_id"), str) or not isinstance(obj.get("body"), dict):
+            _fail(in_path, line, "expected a batch request {custom_id, method, url, body}")
+        if obj["custom_id"] in inputs:
+            _fail(in_path, line, f"custom_id {_brief(obj['custom_id'])} appears twice")
+        url = obj.get("url", "/v1/chat/completions")
+        endpoint = normalize.ENDPOINTS.get(url) if isinstance(url, str) else None
+        if endpoint not in ("chat/completions", "completions", "embeddings"):
+            _fail(in_path, line, f"url {_brief(url)} is not a chat, completions or embeddings endpoint")
+        _check_text(in_path, line, obj["body"].get("model"), "body.model")
+        inputs[obj["custom_id"]] = (obj["body"], endpoint)
+    return inputs
+
+
+def _iter_batch(path: Path, opts: ImportOptions, prices, on_bytes) -> Iterator[tuple[int, bytes, TraceRecord]]:
     if not opts.batch_input:
         raise ProtegeError(
             f"{path}: --format openai-batch needs --batch-input FILE, the batch's input JSONL (its requests), "
             "because a Batch API output file holds only the responses")
-    inputs: dict[str, tuple[dict, str]] = {}
     in_path = Path(opts.batch_input)
-    for line, raw in _read_lines(in_path, None):
-        if not raw.strip():
-            continue
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            _fail(in_path, line, f"not valid JSON ({exc})")
-        if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str) or not isinstance(obj.get("body"), dict):
-            _fail(in_path, line, "expected a batch request {custom_id, method, url, body}")
-        if obj["custom_id"] in inputs:
-            _fail(in_path, line, f"custom_id {obj['custom_id']!r} appears twice")
-        endpoint = normalize.ENDPOINTS.get(obj.get("url", "/v1/chat/completions"))
-        if endpoint not in ("chat/completions", "completions", "embeddings"):
-            _fail(in_path, line, f"url {obj.get('url')!r} is not a chat, completions or embeddings endpoint")
-        inputs[obj["custom_id"]] = (obj["body"], endpoint)
+    inputs = _batch_inputs(in_path)
     for line, raw in _read_lines(path, on_bytes):
         if not raw.strip():
             continue
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            _fail(path, line, f"not valid JSON ({exc})")
-        if not isinstance(obj, dict) or "custom_id" not in obj:
+        obj = _load_object(path, line, raw)
+        if "custom_id" not in obj:
             _fail(path, line, "expected a batch output line {id, custom_id, response, error}")
         custom_id = obj["custom_id"]
+        if not isinstance(custom_id, str):
+            _fail(path, line, f"'custom_id' must be a string, found {type(custom_id).__name__} {_brief(custom_id)}")
         if custom_id not in inputs:
-            _fail(path, line, f"custom_id {custom_id!r} is not in the batch input file {in_path}")
+            _fail(path, line, f"custom_id {_brief(custom_id)} is not in the batch input file {in_path}")
         request, endpoint = inputs[custom_id]
         resp = obj.get("response") or {}
         body = resp.get("body") if isinstance(resp, dict) else None
         status_code = resp.get("status_code") if isinstance(resp, dict) else None
+        if isinstance(body, dict):
+            _check_text(path, line, body.get("model"), "response.body.model")
         if obj.get("error") or status_code != 200:
-            err = obj.get("error") or (body or {}).get("error") or f"status {status_code}"
+            err = obj.get("error") or (body.get("error") if isinstance(body, dict) else None) or f"status {status_code}"
             record = TraceRecord(request=request, response=body, source="import", task=opts.task, endpoint=endpoint,
                                  model=request.get("model"), status="error", http_status=status_code,
                                  error=orjson.dumps(err).decode())
@@ -249,17 +319,19 @@ def _iter_batch(path: Path, opts: ImportOptions, prices, on_bytes) -> Iterator[t
             if not isinstance(body, dict):
                 _fail(path, line, "'response.body' must be the API's response object")
             prompt, completion, cached = normalize.usage(body)
-            record = TraceRecord(request=request, response=body, output_text=normalize.output_text(endpoint, body),
+            record = TraceRecord(request=request, response=body,
+                                 output_text=_response_text(path, line, endpoint, body, "response.body"),
                                  source="import", task=opts.task, endpoint=endpoint,
                                  model=body.get("model") or request.get("model"), http_status=200,
                                  prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
-            if isinstance(body.get("created"), (int, float)):
-                record.created_at = parse_time(str(body["created"]))
+            created = body.get("created")
+            if isinstance(created, (int, float)) and not isinstance(created, bool):
+                record.created_at = _time(path, line, created, "response.body.created")
         record.metadata = {"batch_custom_id": custom_id}
-        yield raw.strip(), _common(path, line, {}, record, prices)
+        yield line, raw.strip(), _common(path, line, {}, record, prices)
 
 
-def _iter_csv(path: Path, opts: ImportOptions, prices, on_bytes) -> Iterator[tuple[bytes, TraceRecord]]:
+def _iter_csv(path: Path, opts: ImportOptions, prices, on_bytes) -> Iterator[tuple[int, bytes, TraceRecord]]:
     system = None
     if opts.system_prompt_file:
         try:
@@ -302,14 +374,63 @@ def _iter_csv(path: Path, opts: ImportOptions, prices, on_bytes) -> Iterator[tup
                 record = TraceRecord(request=request, response=response, output_text=reply, source="import",
                                      task=opts.task, model=opts.model,
                                      metadata={h: row[i] for i, h in others})
-                yield orjson.dumps(row), _common(path, line, {}, record, prices)
+                yield line, orjson.dumps(row), _common(path, line, {}, record, prices)
         except UnicodeDecodeError as exc:
             _fail(path, reader.line_num + 1, f"not UTF-8 text ({exc.reason})")
         except csv.Error as exc:
             _fail(path, reader.line_num, f"malformed CSV ({exc})")
 
 
-_READERS = {"openai-jsonl": _iter_openai_jsonl, "openai-batch": _iter_batch, "csv": _iter_csv}
+def _trace_line(path, line, obj: dict, task: str | None) -> TraceRecord:
+    """A `TraceRecord.to_json()` object back as a record, with its id; every field checked
+    here or by `clean.problems`."""
+    unknown = sorted(set(obj) - set(TRACE_FIELDS))
+    if unknown:
+        _fail(path, line, f"unknown field(s) {', '.join(map(repr, unknown))}; a trace line holds the fields "
+                          f"of TraceRecord.to_json(): {', '.join(TRACE_FIELDS)}")
+    if not isinstance(obj.get("request"), dict):
+        _fail(path, line, "'request' must be an object (the request body sent to the API)")
+    data = dict(obj)
+    if "id" in data and not (isinstance(data["id"], str) and TRACE_ID.fullmatch(data["id"])):
+        _fail(path, line, f"'id' must be a trace id (a lowercase UUID such as 01a2080c-9b1e-7c3d-8e4f-a1b2c3d4e5f6), "
+                          f"found {_brief(data['id'])}")
+    if "created_at" in data:
+        data["created_at"] = _time(path, line, data["created_at"], "created_at")
+    for key, allowed in (("source", SOURCES), ("status", STATUSES)):
+        if key in data and data[key] not in allowed:
+            _fail(path, line, f"'{key}' must be one of {', '.join(allowed)}; found {_brief(data[key])}")
+    for key, kind, name in (("endpoint", str, "a string"), ("stream", bool, "true or false"),
+                            ("metadata", dict, "an object")):
+        if key in data and not isinstance(data[key], kind):
+            _fail(path, line, f"'{key}' must be {name}, found {_brief(data[key])}")
+    if data.get("feedback") is not None and not isinstance(data["feedback"], dict):
+        _fail(path, line, "'feedback' must be an object or null")
+    record = TraceRecord(**data)
+    if task is not None:
+        record.task = task
+    return record
+
+
+def _iter_traces(path: Path, opts: ImportOptions, prices, on_bytes) -> Iterator[tuple[int, bytes, TraceRecord]]:
+    for line, raw in _read_lines(path, on_bytes):
+        if raw.strip():
+            yield line, raw.strip(), _trace_line(path, line, _load_object(path, line, raw), opts.task)
+
+
+_READERS = {"openai-jsonl": _iter_openai_jsonl, "openai-batch": _iter_batch, "csv": _iter_csv,
+            "traces": _iter_traces}
+
+
+def _refused(store: Store, path: Path, exc: Exception, first: int | None = None, last: int | None = None):
+    """The backstop for what `clean.problems` misses: a store error as one line naming the chunk."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    reason = text[0] if text else type(exc).__name__
+    if is_connection_error(exc) or first is None:
+        return StoreError(f"{path}: cannot write to the trace store at {redact_url(store.url)} ({reason}); "
+                          "nothing was stored: import the file again once the store answers")
+    lines = f"{first}" if first == last else f"{first}-{last}"
+    where = "this line" if first == last else "these lines"
+    return ProtegeError(f"{path}:{lines}: the store refused a trace on {where} ({reason}); nothing was stored")
 
 
 def import_file(store: Store, path: str | Path, opts: ImportOptions, prices: PriceTable | None = None,
@@ -317,6 +438,10 @@ def import_file(store: Store, path: str | Path, opts: ImportOptions, prices: Pri
     """Import one file in a single transaction; see the module docstring for formats."""
     if opts.format not in _READERS:
         raise ProtegeError(f"unknown import format {opts.format!r}; choose one of: {', '.join(FORMATS)}")
+    for flag, value, column in (("--task", opts.task, "task"), ("--model", opts.model, "model")):
+        if value is not None and len(value) > clean.TEXT_LIMITS[column]:
+            raise ProtegeError(f"{flag} is {len(value):,} characters; the store holds at most "
+                               f"{clean.TEXT_LIMITS[column]}")
     path = Path(path)
     if not path.is_file():
         raise InputError(str(path), None, "no such file")
@@ -326,24 +451,36 @@ def import_file(store: Store, path: str | Path, opts: ImportOptions, prices: Pri
                      if opts.system_prompt_file and Path(opts.system_prompt_file).is_file() else ""])
     hasher = _Hasher(salt)
     read = added = 0
-    pending: list[TraceRecord] = []
+    pending: list[tuple[int, TraceRecord]] = []
 
     def flush(conn) -> int:
-        present = store.existing_hashes(conn, [r.content_hash for r in pending])
-        fresh = [r for r in pending if r.content_hash not in present]
-        store.insert_traces(fresh, conn=conn)
+        first, last = pending[0][0], pending[-1][0]
+        records = [r for _, r in pending]
         pending.clear()
-        return len(fresh)
+        try:
+            present = store.existing_hashes(conn, [r.content_hash for r in records])
+            # the count the store gives, not len(): a `traces` line whose id is stored already is skipped
+            return store.insert_traces([r for r in records if r.content_hash not in present], conn=conn)
+        except (sa.exc.SQLAlchemyError, TypeError, ValueError, OverflowError) as exc:
+            # TypeError/OverflowError: the JSON encoder or the driver refusing a value before the database sees it
+            raise _refused(store, path, exc, first, last) from None
 
-    with store.engine.begin() as conn:  # one transaction: an error anywhere rolls all of it back
-        for content, record in _READERS[opts.format](path, opts, prices, on_bytes):
-            record.content_hash = hasher(content)
-            pending.append(record)
-            read += 1
-            if len(pending) >= CHUNK:
+    try:
+        with store.engine.begin() as conn:  # one transaction: an error anywhere rolls all of it back
+            for line, content, record in _READERS[opts.format](path, opts, prices, on_bytes):
+                found = clean.problems(record)
+                if found:
+                    _fail(path, line, "; ".join(found))
+                if record.content_hash is None:
+                    record.content_hash = hasher(content)
+                read += 1
+                pending.append((line, record))
+                if len(pending) >= CHUNK:
+                    added += flush(conn)
+            if pending:
                 added += flush(conn)
-        if pending:
-            added += flush(conn)
+    except sa.exc.SQLAlchemyError as exc:  # connecting or committing; a refused row is reported by flush
+        raise _refused(store, path, exc) from None
     return ImportResult(path=str(path), read=read, added=added, already_present=read - added)
 
 
@@ -355,5 +492,5 @@ def read_records(path: str | Path, opts: ImportOptions | None = None) -> Iterato
     path = Path(path)
     if not path.is_file():
         raise InputError(str(path), None, "no such file")
-    for _content, record in _READERS[opts.format](path, opts, None, None):
+    for _line, _content, record in _READERS[opts.format](path, opts, None, None):
         yield record

@@ -21,6 +21,8 @@ from . import schema
 from .record import TraceRecord
 
 HEAD_REVISION = "0001"
+ID_CHARS = frozenset("0123456789abcdef-")
+"""What trace and run ids are made of (lowercase UUIDs, ids.uuid7)."""
 _migrate_lock = threading.Lock()
 
 
@@ -84,7 +86,7 @@ class Store:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
         except sa.exc.OperationalError as exc:
-            raise StoreError(f"cannot open the trace store at {redact_url(self.url)}: {_short(exc)}") from None
+            raise StoreError(f"cannot open the trace store at {redact_url(self.url)}: {error_summary(exc)}") from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -106,9 +108,9 @@ class Store:
         return str(compiled), [(name, schema.traces.c[name].type.dialect_impl(dialect).bind_processor(dialect))
                                for name in names]
 
-    def insert_traces(self, records: Iterable[TraceRecord | dict], conn: Connection | None = None) -> None:
+    def insert_traces(self, records: Iterable[TraceRecord | dict], conn: Connection | None = None) -> int:
         """Insert traces; a row whose id or content hash is already stored is skipped,
-        which makes replays (spool, re-import) idempotent.
+        which makes replays (spool, journal, re-import) idempotent. Returns the rows added.
 
         The rows go straight to the driver's executemany, bound by the same type processors
         `conn.execute(insert, rows)` applies: that call's per-row bookkeeping (and
@@ -120,12 +122,11 @@ class Store:
             row = [values.get(name) if process is None else process(values.get(name)) for name, process in columns]
             params.append(tuple(row) if positional else dict(zip((name for name, _ in columns), row)))
         if not params:
-            return
+            return 0
         if conn is not None:
-            conn.exec_driver_sql(self._insert_sql, params)
-        else:
-            with self.engine.begin() as c:
-                c.exec_driver_sql(self._insert_sql, params)
+            return conn.exec_driver_sql(self._insert_sql, params).rowcount
+        with self.engine.begin() as c:
+            return c.exec_driver_sql(self._insert_sql, params).rowcount
 
     def existing_hashes(self, conn: Connection, hashes: list[str]) -> set[str]:
         found: set[str] = set()
@@ -173,10 +174,11 @@ class Store:
     def get_trace(self, trace_id: str) -> dict:
         """One trace by id or by a unique prefix of at least 4 characters."""
         t = schema.traces
+        prefix = id_prefix(trace_id, "trace", "protege traces list")
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(t).where(t.c.id == trace_id)).first()
-            if row is None and len(trace_id) >= 4:
-                rows = conn.execute(sa.select(t).where(t.c.id.like(trace_id.replace("%", "") + "%")).limit(2)).all()
+            row = conn.execute(sa.select(t).where(t.c.id == prefix)).first()
+            if row is None and len(prefix) >= 4:
+                rows = conn.execute(sa.select(t).where(t.c.id.startswith(prefix, autoescape=True)).limit(2)).all()
                 if len(rows) > 1:
                     raise NotFoundError(f"trace id prefix {trace_id!r} is ambiguous; give more characters")
                 row = rows[0] if rows else None
@@ -226,6 +228,27 @@ class Store:
         }
 
 
+def id_prefix(text: str, what: str, lister: str) -> str:
+    """`text` as an id prefix to match literally (lower-cased), or a NotFoundError saying
+    why it cannot be one: LIKE would read `_` and `%` in it as wildcards."""
+    prefix = text.strip().lower()
+    if not prefix:
+        raise NotFoundError(f"give a {what} id or a unique prefix of one; `{lister}` shows them")
+    bad = sorted(set(prefix) - ID_CHARS)
+    if bad:
+        raise NotFoundError(f"{text!r} is not a {what} id or id prefix: ids hold only hex digits and '-' "
+                            f"(found {', '.join(map(repr, bad))}); `{lister}` shows them")
+    return prefix
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Is this the store being unreachable (spool and retry) rather than a row it refuses?"""
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError,
+                        sa.exc.TimeoutError, ConnectionError, TimeoutError)):
+        return True
+    return bool(getattr(exc, "connection_invalidated", False))
+
+
 def _quantiles(values: list[float]) -> dict:
     if not values:
         return {"measured": 0, "p50": None, "p95": None, "p99": None}
@@ -235,6 +258,7 @@ def _quantiles(values: list[float]) -> dict:
     return {"measured": len(values), "p50": qs[49], "p95": qs[94], "p99": qs[98]}
 
 
-def _short(exc: Exception) -> str:
-    text = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+def error_summary(exc: BaseException) -> str:
+    """The first line of a database error's own message (the driver's, not SQLAlchemy's wrapper)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

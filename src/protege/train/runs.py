@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from ..errors import NotFoundError
 from ..ids import uuid7
 from ..traces import schema
-from ..traces.store import Store
+from ..traces.store import Store, id_prefix
 
 PACKAGES = ("protege", "torch", "transformers", "peft", "trl", "accelerate", "safetensors", "tokenizers")
 
@@ -67,8 +67,9 @@ def update_run(store: Store, run_id: str, **values) -> None:
 def get_run(store: Store, run_id: str, kind: str | None = "train") -> dict:
     """A run by id or unique id prefix."""
     t = schema.runs
+    prefix = id_prefix(run_id, f"{kind} run" if kind else "run", "protege runs list")
     with store.engine.connect() as conn:
-        stmt = sa.select(t).where(t.c.id.like(run_id.replace("%", "") + "%"))
+        stmt = sa.select(t).where(t.c.id.startswith(prefix, autoescape=True))
         if kind:
             stmt = stmt.where(t.c.kind == kind)
         rows = conn.execute(stmt.limit(2)).all()
