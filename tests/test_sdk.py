@@ -59,7 +59,10 @@ def test_stream_closed_early_is_recorded_as_partial(upstream, sdk_store):
         next(iter(stream))
     assert flush(client)
     [t] = sdk_store.list_traces()
-    assert t["status"] == "error" and "closed by the caller" in t["error"]
+    # the same meaning as the proxy's (test_capture_faults): an error, the partial output, the flag
+    assert t["status"] == "error" and t["error"] == "client closed the stream before its end"
+    assert t["metadata"]["client_disconnected"] is True
+    assert t["output_text"] == ""  # the role chunk was all the caller read
 
 
 def test_async_plain_and_stream(upstream, sdk_store):

@@ -190,7 +190,7 @@ def test_serve_command_runs_and_stops_cleanly(sqlite_store, tmp_path, home, trai
     task, _, run_id = trained
     code, _, err = run(capsys, "--db", sqlite_store.url, "serve", run_id, "--fallback", "openai:m@http://127.0.0.1:9")
     assert code == 1 and "--fallback and --threshold go together" in err
-    code, _, err = run(capsys, "--db", sqlite_store.url, "serve", "run:nope")
+    code, _, err = run(capsys, "--db", sqlite_store.url, "serve", "run:0000abcd")
     assert code == 1 and "does not exist" in err
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "protege", "--db", sqlite_store.url, "serve", f"run:{run_id}",
@@ -299,3 +299,32 @@ def test_batcher_waits_under_load_only():
             b.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("answer", [{"choices": []}, {"choices": [None]}, [1, 2], {"id": "no choices"},
+                                    {"choices": [{"message": {"content": 7}}]}])
+def test_a_fallback_200_that_is_no_chat_completion_is_a_502_and_an_error_trace(sqlite_store, tmp_path, home,
+                                                                                trained, answer):
+    from protege.serve.app import Fallback
+
+    _, _, run_id = trained
+    up = ScriptedUpstream().start()
+    try:
+        server, app, writer = make_server(sqlite_store, home, tmp_path, run_id,
+                                          fallback=Fallback(f"openai:gpt-frontier@{up.url}"), threshold=1.0)
+        with server:
+            up.push(("status", 200, answer), ("status", 503, {"error": {"message": "overloaded"}}))
+            r = httpx.post(server.url + "/v1/chat/completions", json=chat("my card has not arrived"))
+            assert r.status_code == 502 and r.headers["content-type"] == "application/json"
+            assert r.json()["error"]["type"] == "upstream_error" and "HTTP 200" in r.json()["error"]["message"]
+            r = httpx.post(server.url + "/v1/chat/completions", json=chat("my card has not arrived"))
+            assert r.status_code == 503 and r.json()["error"]["message"] == "overloaded"
+            metrics = httpx.get(server.url + "/metrics").text
+            assert 'protege_serve_errors_total{status="502"} 1' in metrics
+            assert "protege_serve_traces_written_total" in metrics  # the trace writer's counts too
+        writer.close()
+    finally:
+        up.stop()
+    bad, overloaded = sqlite_store.list_traces(source="serve", newest_first=False)
+    assert bad["status"] == "error" and bad["error"].startswith("HTTP 200") and bad["response"] == answer
+    assert overloaded["error"] == 'HTTP 503: {"message":"overloaded"}'  # JSON, not a Python repr

@@ -3,75 +3,16 @@ spool exactly once when the store returns."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 
 import httpx
+import orjson
 import pytest
 
-from conftest import free_port
 from protege.capture.writer import TraceWriter
 from protege.traces.record import TraceRecord
+from protege.testing import TcpRelay
 from protege.traces.store import Store
 from test_proxy import CHAT, wait_for
-
-
-class TcpRelay:
-    """A TCP forwarder on 127.0.0.1 that can be cut and restored: a database that goes away."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.server = None
-        self.conns: set = set()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    async def _pipe(self, reader, writer):
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.transport.abort()
-
-    async def _client(self, reader, writer):
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.conns.update({writer, up_writer})
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    def up(self):
-        async def start():
-            self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port, reuse_address=True)
-        asyncio.run_coroutine_threadsafe(start(), self.loop).result(5)
-
-    def down(self):
-        async def stop():
-            self.server.close()
-            for w in list(self.conns):
-                w.transport.abort()
-            self.conns.clear()
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
-
-    def close(self):
-        self.down()
-
-        async def cancel_rest():
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        asyncio.run_coroutine_threadsafe(cancel_rest(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 @pytest.mark.postgres
@@ -111,19 +52,21 @@ def test_postgres_down_then_up_spool_replayed_exactly_once(pg_schema, upstream, 
 
 def test_replaying_a_spool_twice_stores_each_trace_once(store, tmp_path):
     """A replay interrupted after its insert but before the spool is deleted must not
-    duplicate anything when it runs again."""
-    writer = TraceWriter(store, tmp_path / "spool")
+    duplicate anything when it runs again: a process that died mid-replay leaves both the
+    replaying file and a newer spool, and the next writer stores each trace once."""
     records = [TraceRecord(request={"messages": [{"role": "user", "content": str(i)}]}, output_text=str(i),
                            source="proxy") for i in range(7)]
+    lines = b"".join(orjson.dumps(r.to_json()) + b"\n" for r in records)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    store.insert_traces(records[:4])  # the dead replay had stored these
+    (spool / "traces.replaying.jsonl").write_bytes(lines)
+    (spool / "traces.jsonl").write_bytes(lines[: lines.index(b"\n") + 1])  # and one more was spooled again
+    writer = TraceWriter(store, spool, retry_s=0.05)
+    assert wait_for(lambda: not writer.stats()["spool_pending"])
     writer.close()
-    writer._spool(records)
-    spool_copy = writer.spool_path.read_bytes()
-    assert writer._try_replay()
-    writer.spool_dir.mkdir(exist_ok=True)
-    writer.replaying_path.write_bytes(spool_copy)  # as if the process died before unlinking
-    assert writer._try_replay()
     assert store.count() == 7
-    assert not writer.spool_path.exists() and not writer.replaying_path.exists()
+    assert not (spool / "traces.jsonl").exists() and not (spool / "traces.replaying.jsonl").exists()
 
 
 def test_store_unreachable_at_startup_spools_then_replays(tmp_path):

@@ -63,12 +63,37 @@ def normalize_db_url(url: str) -> str:
     return url
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
+PUBLIC_QUERY_KEYS = frozenset({"api-version", "sslmode", "options", "application_name", "connect_timeout",
+                               "target_session_attrs"})
+"""Query parameters shown as they are; every other value in a URL's query is redacted."""
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of a URL that are credentials: its password and its non-public query values."""
+    from urllib.parse import parse_qsl, quote, urlsplit
 
     parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in PUBLIC_QUERY_KEYS and v]
+    both = set(found) | {quote(v, safe="") for v in found} | {quote(v) for v in found}
+    return sorted((s for s in both if len(s) >= 3), key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    """`text` with every occurrence of each secret replaced by ***."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password and non-public query values replaced, for messages and logs."""
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.netloc
     if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+    query = "&".join(f"{k}={v if k in PUBLIC_QUERY_KEYS or not v else '***'}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

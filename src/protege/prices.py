@@ -54,7 +54,7 @@ class PriceTable:
         suffix (`gpt-4o-mini-2024-07-18` is priced as `gpt-4o-mini`; `gpt-5-pro` is not `gpt-5`).
         A `provider/` prefix (`openai/gpt-4o`) is ignored.
         """
-        if not model:
+        if not model or not isinstance(model, str):  # a request's `model` is user input: 123 is no name
             return None
         name = model.lower().rsplit("/", 1)[-1]
         if name in self._by_model:

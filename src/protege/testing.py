@@ -11,6 +11,11 @@ consumed in order, then "ok"):
     ("stall", seconds)              wait before answering (for client/proxy time-outs)
     ("reset",)                      drop the TCP connection before any response byte
     ("cut", n)                      stream n SSE chunks, then drop the connection
+    ("raw", 200, b"text/plain", b"hi")  that status, content type and body, as bytes
+
+`usage(request)`, when given, returns the usage object an answer carries (to script odd
+token counts). `TcpRelay` is a TCP forwarder that can be cut and restored: a database that
+goes away and comes back.
 
 Run standalone: `python -m protege.testing --port 9100 --delay-ms 20`.
 """
@@ -40,11 +45,13 @@ def default_reply(request: dict) -> str:
 
 class ScriptedUpstream:
     def __init__(self, delay_ms: float = 0.0, chunk_delay_ms: float = 0.0, reply: Callable[[dict], str] = default_reply,
-                 model: str | None = "gpt-4o-mini-2024-07-18", record_requests: bool = True):
+                 model: str | None = "gpt-4o-mini-2024-07-18", record_requests: bool = True,
+                 usage: Callable[[dict], dict] | None = None):
         """`model`: the model name the answers carry; None echoes the request's model."""
         self.delay_s = delay_ms / 1000
         self.chunk_delay_s = chunk_delay_ms / 1000
         self.reply = reply
+        self.usage = usage
         self.model = model
         self.script: deque = deque()
         self.requests: list[dict[str, Any]] = []
@@ -149,7 +156,8 @@ class ScriptedUpstream:
         except orjson.JSONDecodeError:
             request = {}
         if self.record_requests:
-            self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
+            self.requests.append({"method": method, "path": path, "query": target.partition("?")[2],
+                                  "headers": headers, "body": body})
         action = self.script.popleft() if self.script else ("ok",)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
@@ -162,6 +170,10 @@ class ScriptedUpstream:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             writer.transport.abort()
             return False
+        elif kind == "raw":
+            self._send(writer, action[1], action[3], content_type=action[2])
+            await writer.drain()
+            return True
         elif kind == "status":
             self._send(writer, action[1], orjson.dumps(action[2] if len(action) > 2 else {"error": {"message": "x"}}))
             await writer.drain()
@@ -183,6 +195,8 @@ class ScriptedUpstream:
                 str(request.get("prompt", "")).split())
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
                      "total_tokens": prompt_tokens + len(text.split())}
+            if self.usage is not None:
+                usage = self.usage(request)
             if request.get("stream"):
                 cut = action[1] if kind == "cut" else None
                 await self._stream(writer, chat, text, usage, request, cut, model)
@@ -237,6 +251,66 @@ class ScriptedUpstream:
             self.bodies[-1] = b"".join(sent) + done
         writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
         await writer.drain()
+
+
+class TcpRelay:
+    """A TCP forwarder on 127.0.0.1 that can be cut and restored: a database that goes away."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        self.server = None
+        self.conns: set = set()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def _pipe(self, reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    async def _client(self, reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.conns.update({writer, up_writer})
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    def up(self):
+        async def start():
+            self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port, reuse_address=True)
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(5)
+
+    def down(self):
+        async def stop():
+            self.server.close()
+            for w in list(self.conns):
+                w.transport.abort()
+            self.conns.clear()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
+
+    def close(self):
+        self.down()
+
+        async def cancel_rest():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(cancel_rest(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
 
 
 def main() -> None:

@@ -10,6 +10,10 @@ from typing import Any
 
 import orjson
 
+CLIENT_CLOSED = "client closed the stream before its end"
+"""The error of a streamed call whose client stopped reading early (proxy and SDK alike):
+the trace keeps the output received until then, with `metadata.client_disconnected`."""
+
 ENDPOINTS = {
     "/v1/chat/completions": "chat/completions",
     "/v1/completions": "completions",
@@ -137,6 +141,16 @@ def assemble_events(events: list[Any], endpoint: str) -> tuple[dict | None, str 
     if usage_obj is not None:
         response["usage"] = usage_obj
     return response, problem
+
+
+def model_name(payload: Any) -> str | None:
+    """A request's or response's `model` as text; None when it has none (or an object)."""
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if isinstance(model, str):
+        return model or None
+    if isinstance(model, (int, float)) and not isinstance(model, bool):
+        return str(model)
+    return None
 
 
 def task_from(request: Any, header: str | None) -> str | None:

@@ -13,19 +13,18 @@ measurable time per request at hundreds of requests per second (benchmarks/proxy
 from __future__ import annotations
 
 import asyncio
-import gzip
+import base64
 import time
-import zlib
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 
+from ..config import redact_text, redact_url, url_secrets
 from ..prices import PriceTable
-from ..traces.record import TraceRecord
 from . import normalize
+from .raw import ProxyCapture
 from .writer import TraceWriter
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
@@ -33,92 +32,6 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-autho
 TASK_HEADER = b"x-protege-task"
 LOGGED = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
           ("GET", "/v1/models")}
-
-
-@dataclass
-class ProxyCapture:
-    """What the request path hands to the writer: raw bytes and timings, nothing parsed."""
-
-    endpoint: str
-    upstream: str
-    request_body: bytes
-    task_header: str | None
-    started: datetime
-    prices: PriceTable | None
-    status_code: int | None = None
-    response_body: bytes = b""
-    content_encoding: str | None = None
-    streamed: bool = False
-    latency_ms: float | None = None
-    ttft_ms: float | None = None
-    failure: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_record(self) -> TraceRecord:
-        if self.request_body:
-            try:
-                request = orjson.loads(self.request_body)
-            except orjson.JSONDecodeError:
-                request = {"_unparsed": self.request_body.decode("utf-8", "replace")[:100_000]}
-        else:
-            request = {}
-        body = _decode(self.response_body, self.content_encoding)
-        response: Any = None
-        problem = None
-        if self.streamed:
-            response, problem = normalize.assemble_sse(body, self.endpoint)
-        elif body:
-            try:
-                response = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                response = {"_unparsed": body.decode("utf-8", "replace")[:100_000]}
-        ok = self.failure is None and self.status_code is not None and self.status_code < 400 and problem is None
-        error = None
-        if not ok:
-            error = self.failure or problem or normalize.error_text(body)
-        prompt, completion, cached = normalize.usage(response)
-        model = (response.get("model") if isinstance(response, dict) else None) or (
-            request.get("model") if isinstance(request, dict) else None)
-        prices = self.prices
-        return TraceRecord(
-            request=request if isinstance(request, dict) else {"_body": request},
-            response=response,
-            output_text=normalize.output_text(self.endpoint, response),
-            source="proxy",
-            task=normalize.task_from(request, self.task_header),
-            provider=normalize.provider_for(model, prices, self.upstream),
-            model=model,
-            endpoint=self.endpoint,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cached_tokens=cached,
-            latency_ms=self.latency_ms,
-            ttft_ms=self.ttft_ms,
-            cost_usd=prices.cost(model, prompt, completion, cached) if prices is not None else None,
-            status="ok" if ok else "error",
-            http_status=self.status_code,
-            error=error,
-            stream=self.streamed,
-            metadata=self.extra,
-            created_at=self.started,
-        )
-
-
-def _decode(body: bytes, encoding: str | None) -> bytes:
-    if not body or not encoding or encoding == "identity":
-        return body
-    try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-        if encoding == "br":
-            import brotli  # optional; aiohttp[speedups] brings it
-
-            return brotli.decompress(body)
-    except Exception:
-        pass
-    return body
 
 
 def _has_content(chunk: bytes) -> bool:
@@ -140,20 +53,53 @@ class UpstreamCut(Exception):
     """Raised to make uvicorn drop the client connection when the upstream dropped ours."""
 
 
+class Upstream:
+    """The upstream base URL, split once: where requests go, and what of it is secret.
+
+    Credentials in the URL (`https://user:pass@host/v1`, or a key in its query) are sent
+    upstream (user:pass as HTTP Basic auth, unless the client sends its own
+    Authorization) and shown nowhere: `shown` and `redact()` replace them with ***."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        path = parts.path.rstrip("/")
+        if path.endswith("/v1"):
+            path = path[:-3]
+        host = parts.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+        self.base = urlunsplit((parts.scheme, netloc, path, "", ""))
+        self.query = parts.query
+        self.auth = None
+        if parts.username or parts.password:
+            from urllib.parse import unquote
+
+            pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+            self.auth = ("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+        self.secrets = url_secrets(url)
+        self.shown = redact_url(urlunsplit((parts.scheme, parts.netloc, path, parts.query, "")))
+
+    def url_for(self, path: str, query: str) -> str:
+        """The upstream URL of a request: the base's path and query, then the request's."""
+        joined = "&".join(q for q in (self.query, query) if q)
+        return self.base + path + ("?" + joined if joined else "")
+
+    def redact(self, text: str) -> str:
+        return redact_text(text, self.secrets)
+
+
 class ProxyApp:
     """ASGI app. `upstream` is the API base, with or without a trailing `/v1`."""
 
     def __init__(self, upstream: str, writer: TraceWriter, prices: PriceTable | None = None,
                  timeout_s: float = 600.0, connect_timeout_s: float = 10.0):
-        base = upstream.rstrip("/")
-        if base.endswith("/v1"):
-            base = base[:-3]
-        self.upstream = base
+        self.target = Upstream(upstream)
+        self.upstream = self.target.shown
         self.writer = writer
         self.prices = prices
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s)
         self.timeout_s = timeout_s
         self.session: aiohttp.ClientSession | None = None
+        self.requests = {"logged": 0, "forwarded": 0, "client_disconnects": 0}
 
     async def _session(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
@@ -169,7 +115,24 @@ class ProxyApp:
             return
         if scope["type"] != "http":
             return
+        if scope["path"] == "/metrics" and scope["method"] == "GET":
+            body = self.metrics()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain; version=0.0.4"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
         await self._handle(scope, receive, send)
+
+    def metrics(self) -> bytes:
+        lines = ["# HELP protege_proxy_requests_total Requests through the proxy: logged as traces, or only forwarded.",
+                 "# TYPE protege_proxy_requests_total counter"]
+        lines += [f'protege_proxy_requests_total{{kind="{k}"}} {self.requests[k]}' for k in ("logged", "forwarded")]
+        lines += ["# HELP protege_proxy_client_disconnects_total Streams the client closed before their end.",
+                  "# TYPE protege_proxy_client_disconnects_total counter",
+                  f"protege_proxy_client_disconnects_total {self.requests['client_disconnects']}"]
+        lines += self.writer.metrics("protege_proxy")
+        return ("\n".join(lines) + "\n").encode()
 
     async def _lifespan(self, receive, send):
         while True:
@@ -197,16 +160,20 @@ class ProxyApp:
         body = b"".join(chunks)
         task_header = None
         headers = []
+        client_auth = False
         for name, value in scope["headers"]:
             lname = name.lower()
             if lname == TASK_HEADER:
                 task_header = value.decode("latin-1")
             elif lname not in HOP_BY_HOP:
+                client_auth |= lname == b"authorization"
                 headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        url = self.upstream + (scope.get("raw_path") or path.encode()).decode("latin-1")
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
+        if self.target.auth and not client_auth:
+            headers.append(self.target.auth)
+        url = self.target.url_for((scope.get("raw_path") or path.encode()).decode("latin-1"),
+                                  scope.get("query_string", b"").decode("latin-1"))
         logged = (method, path) in LOGGED
+        self.requests["logged" if logged else "forwarded"] += 1
         capture = ProxyCapture(endpoint=normalize.ENDPOINTS.get(path, path), upstream=self.upstream,
                                request_body=body, task_header=task_header,
                                started=datetime.now(timezone.utc), prices=self.prices) if logged else None
@@ -214,50 +181,60 @@ class ProxyApp:
         t0 = time.perf_counter()
         started_response = False
         data_parts: list[bytes] = []
+        watch = None
         try:
             async with session.request(method, url, data=body or None, headers=headers,
                                        allow_redirects=False) as resp:
                 out_headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
                 streamed = resp.content_type == "text/event-stream"
+                if capture:
+                    capture.status_code = resp.status
+                    capture.content_encoding = resp.headers.get("Content-Encoding")
+                    capture.streamed = streamed
                 if not streamed:
                     data = await resp.read()
-                    if capture:
-                        capture.latency_ms = (time.perf_counter() - t0) * 1000
                     out_headers.append((b"content-length", str(len(data)).encode()))
+                    if capture:  # journaled before the client has the answer: a kill now loses nothing
+                        capture.latency_ms = (time.perf_counter() - t0) * 1000
+                        capture.response_body = data
+                        self.writer.submit(capture)
                     await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
                     started_response = True
                     await send({"type": "http.response.body", "body": data})
-                else:
-                    await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-                    started_response = True
-                    if capture:
-                        capture.status_code = resp.status
-                    async for chunk in resp.content.iter_any():
-                        if capture and capture.ttft_ms is None and _has_content(chunk):
-                            capture.ttft_ms = (time.perf_counter() - t0) * 1000
-                        data_parts.append(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if capture:
-                        capture.latency_ms = (time.perf_counter() - t0) * 1000
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    data = b"".join(data_parts)
+                    return
+                await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+                started_response = True
+                watch = asyncio.ensure_future(receive())  # done once the client goes away
+                async for chunk in resp.content.iter_any():
+                    if capture and capture.ttft_ms is None and _has_content(chunk):
+                        capture.ttft_ms = (time.perf_counter() - t0) * 1000
+                    data_parts.append(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if watch.done():
+                        break
                 if capture:
-                    capture.status_code = resp.status
-                    capture.response_body = data
-                    capture.content_encoding = resp.headers.get("Content-Encoding")
-                    capture.streamed = streamed
+                    capture.latency_ms = (time.perf_counter() - t0) * 1000
+                    capture.response_body = b"".join(data_parts)
+                    if watch.done():
+                        self.requests["client_disconnects"] += 1
+                        capture.failure = normalize.CLIENT_CLOSED
+                        capture.extra["client_disconnected"] = True
+                    self.writer.submit(capture)
+                if not watch.done():
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             elapsed = (time.perf_counter() - t0) * 1000
-            timed_out = isinstance(exc, asyncio.TimeoutError)
-            if timed_out:
+            if isinstance(exc, asyncio.TimeoutError):
                 status, kind = 504, "upstream_timeout"
                 message = f"protege proxy: upstream {self.upstream} sent nothing for {self.timeout_s:g} s"
             else:
                 status, kind = 502, "upstream_connection_error"
-                message = f"protege proxy: upstream {self.upstream} failed: {type(exc).__name__}: {exc}"
+                message = self.target.redact(f"protege proxy: upstream {self.upstream} failed: "
+                                             f"{type(exc).__name__}: {exc}")
             if capture:
                 capture.latency_ms = elapsed
-                capture.failure = message if not started_response else f"stream cut mid-way: {type(exc).__name__}: {exc}"
+                capture.failure = message if not started_response else self.target.redact(
+                    f"stream cut mid-way: {type(exc).__name__}: {exc}")
                 if started_response:
                     capture.streamed = True
                     capture.response_body = b"".join(data_parts)
@@ -267,25 +244,22 @@ class ProxyApp:
             if started_response:
                 # The upstream cut the response after it began: cut ours too, so the client
                 # sees the same truncated stream rather than a clean end.
-                raise UpstreamCut(str(exc)) from None
+                raise UpstreamCut(self.target.redact(str(exc))) from None
             payload = _error_body(message, kind)
             await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(payload)).encode())]})
             await send({"type": "http.response.body", "body": payload})
-            return
-        if capture:
-            self.writer.submit(capture)
+        finally:
+            if watch is not None and not watch.done():
+                watch.cancel()
 
 
 def build_proxy(settings, upstream: str, timeout_s: float = 600.0) -> ProxyApp:
     """The proxy app with its trace writer, from resolved settings. If the store cannot be
     opened now, the proxy still starts and spools traces until it can."""
-    from ..prices import cached_prices
-
     writer = TraceWriter.for_settings(settings)
-    prices = cached_prices(str(settings.prices_path) if settings.prices_path else None)
-    return ProxyApp(upstream, writer, prices=prices, timeout_s=timeout_s)
+    return ProxyApp(upstream, writer, prices=writer.prices, timeout_s=timeout_s)
 
 
 class _QuietUpstreamCut:
@@ -315,9 +289,25 @@ def run_asgi(app, host: str, port: int, log_level: str = "warning") -> None:
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
+    import signal
+
     config = uvicorn.Config(app, host=host, port=port, loop=loop, http="httptools", lifespan="on",
                             access_log=False, log_level=log_level, timeout_keep_alive=75)
+
+    def stopped(signum, _frame):
+        raise _Stopped(signum)
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler
+    # found before it started: ours, so the caller can still report lost traces and exit 0
+    previous = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         uvicorn.Server(config).run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C / SIGINT it shut down on: a normal stop
+    except (KeyboardInterrupt, _Stopped):  # a normal stop
         pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Stopped(Exception):
+    """The signal uvicorn re-raises after its graceful shutdown."""

@@ -53,6 +53,13 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _safe(value: Any) -> Any:
+    try:
+        return _jsonable(value)
+    except Exception:  # noqa: BLE001
+        return {"_unparsed": repr(value)[:100_000]}
+
+
 def _request_of(kwargs: dict) -> dict:
     return {k: _jsonable(v) for k, v in kwargs.items()
             if k not in _SKIP_KWARGS and type(v).__name__ not in ("NotGiven", "Omit")}
@@ -89,6 +96,16 @@ class _Recorder:
             return
         self.done = True
         latency = (time.perf_counter() - self.t0) * 1000
+        try:
+            record = self._record(latency, response, error, stream, problem)
+        except Exception as exc:  # noqa: BLE001 - a normaliser bug must not cost the trace
+            record = TraceRecord(request=_safe(self.request), response=None, source="sdk", task=self.task,
+                                 endpoint=self.endpoint, latency_ms=latency, status="error", stream=stream,
+                                 error=f"protege could not normalise this call ({type(exc).__name__}: {exc})",
+                                 metadata={**self.w.metadata, "protege_unparsed": True}, created_at=self.started)
+        self.w.writer.submit(record)
+
+    def _record(self, latency, response, error, stream, problem) -> TraceRecord:
         if stream:
             body, stream_problem = normalize.assemble_events(self.chunks, self.endpoint)
             problem = problem or stream_problem
@@ -102,16 +119,19 @@ class _Recorder:
         else:
             message = problem
         prompt, completion, cached = normalize.usage(body)
-        model = (body.get("model") if isinstance(body, dict) else None) or self.request.get("model")
+        model = normalize.model_name(body) or normalize.model_name(self.request)
         prices = self.w.prices
-        self.w.writer.submit(TraceRecord(
+        metadata = dict(self.w.metadata)
+        if problem == normalize.CLIENT_CLOSED:
+            metadata["client_disconnected"] = True
+        return TraceRecord(
             request=self.request, response=body, output_text=normalize.output_text(self.endpoint, body),
             source="sdk", task=self.task, provider=normalize.provider_for(model, prices, self.w.base_url),
             model=model, endpoint=self.endpoint, prompt_tokens=prompt, completion_tokens=completion,
             cached_tokens=cached, latency_ms=latency, ttft_ms=self.ttft_ms,
             cost_usd=prices.cost(model, prompt, completion, cached), status="error" if message else "ok",
             http_status=status_code if error is not None else 200, error=message, stream=stream,
-            metadata=dict(self.w.metadata), created_at=self.started))
+            metadata=metadata, created_at=self.started)
 
 
 class _RecordingStream:
@@ -127,7 +147,7 @@ class _RecordingStream:
                 self._recorder.chunk(chunk)
                 yield chunk
         except GeneratorExit:  # the caller stopped iterating early
-            self._recorder.finish(stream=True, problem="stream closed by the caller before its end")
+            self._recorder.finish(stream=True, problem=normalize.CLIENT_CLOSED)
             raise
         except BaseException as exc:
             self._recorder.finish(error=exc, stream=True)
@@ -146,7 +166,7 @@ class _RecordingStream:
         self.close()
 
     def close(self):
-        self._recorder.finish(stream=True, problem="stream closed by the caller before its end")
+        self._recorder.finish(stream=True, problem=normalize.CLIENT_CLOSED)
         self._stream.close()
 
     def __getattr__(self, name):
@@ -166,7 +186,7 @@ class _AsyncRecordingStream:
                 self._recorder.chunk(chunk)
                 yield chunk
         except GeneratorExit:  # the caller stopped iterating early
-            self._recorder.finish(stream=True, problem="stream closed by the caller before its end")
+            self._recorder.finish(stream=True, problem=normalize.CLIENT_CLOSED)
             raise
         except BaseException as exc:
             self._recorder.finish(error=exc, stream=True)
@@ -185,7 +205,7 @@ class _AsyncRecordingStream:
         await self.close()
 
     async def close(self):
-        self._recorder.finish(stream=True, problem="stream closed by the caller before its end")
+        self._recorder.finish(stream=True, problem=normalize.CLIENT_CLOSED)
         await self._stream.close()
 
     def __getattr__(self, name):

@@ -18,7 +18,7 @@ from ..errors import ProtegeError
 from .bench import bench_cmd
 from .decide import decide_cmd
 from .serve import route_app, serve_cmd
-from .common import console, err, print_json, settings
+from .common import console, err, exit_on_lost_traces, print_json, settings
 from .dataset import dataset_app
 from .traces import traces_app
 from .train import curve_cmd, runs_app, train_cmd
@@ -73,7 +73,7 @@ def proxy_cmd(
     ctx: typer.Context,
     upstream: str = typer.Option(..., "--upstream", help="API base URL, e.g. https://api.openai.com/v1"),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
-    port: int = typer.Option(8787, "--port", help="Port to listen on."),
+    port: int = typer.Option(8787, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for upstream bytes before a 504."),
 ):
     """Run the logging proxy: point your OpenAI client's base_url at http://HOST:PORT/v1."""
@@ -83,8 +83,9 @@ def proxy_cmd(
         raise ProtegeError(f"--upstream must be an http(s) URL such as https://api.openai.com/v1, got {upstream!r}")
     s = settings(ctx)
     proxy = build_proxy(s, upstream, timeout_s=timeout)
-    err.print(f"protege proxy on http://{host}:{port}/v1 → {proxy.upstream}  (traces: {s.home})")
+    err.print(f"protege proxy on http://{host}:{port}/v1 → {proxy.upstream}  (traces: {s.home})", highlight=False)
     run_proxy(proxy, host=host, port=port)
+    exit_on_lost_traces(proxy.writer)
 
 
 ARGV: list[str] = []

@@ -10,6 +10,10 @@ from rich.console import Console
 
 from ..config import Settings
 
+MAX_ROWS = 10**12
+"""The largest --limit / --offset a verb takes: more rows than any store holds, and inside
+the 64-bit integers SQL takes (a larger value would fail in the driver, as a traceback)."""
+
 console = Console()
 err = Console(stderr=True)
 
@@ -39,3 +43,13 @@ def fmt(value, unit: str = "", digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}{unit}"
     return f"{value:,}{unit}"
+
+
+def exit_on_lost_traces(writer) -> None:
+    """After a server stops: a non-zero exit if its trace writer had to drop traces."""
+    stats = writer.stats()
+    if stats["dropped"]:
+        from ..errors import ProtegeError
+
+        reasons = ", ".join(f"{k}: {v}" for k, v in stats["dropped_by_reason"].items())
+        raise ProtegeError(f"{stats['dropped']:,} traces were lost during this run ({reasons}); the log says when")

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ProtegeError
-from .common import console, err, open_store, print_json, settings
+from .common import MAX_ROWS, console, err, exit_on_lost_traces, open_store, print_json, settings
 
 route_app = typer.Typer(help="Cascade routing between a specialist and the frontier model.", no_args_is_help=True)
 
@@ -19,7 +19,7 @@ def serve_cmd(
     ctx: typer.Context,
     target: str = typer.Argument(..., help="run:RUN_ID, a run id, or a model folder made by protege train."),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
     fallback: Optional[str] = typer.Option(None, "--fallback", help="openai:MODEL@BASE_URL answering low-confidence requests."),
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0, max=1,
                                               help="Below this confidence the fallback answers (protege route calibrate picks it)."),
@@ -54,6 +54,8 @@ def serve_cmd(
               f"{'  (auth on)' if api_key else ''}  (traces: {'off' if no_traces else s.home})")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_server(app, host=host, port=port)
+    if writer is not None:
+        exit_on_lost_traces(writer)
 
 
 @route_app.command("calibrate")
@@ -64,7 +66,7 @@ def calibrate_cmd(
     target: float = typer.Option(..., "--target", min=0, max=1, help="Quality the client must get (e.g. 0.95)."),
     fallback_quality: float = typer.Option(1.0, "--fallback-quality", min=0, max=1,
                                            help="The fallback's quality on these references (1.0: they are its answers)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="A fixed random sample of N validation rows."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=MAX_ROWS, help="A fixed random sample of N validation rows."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):

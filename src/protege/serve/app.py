@@ -22,22 +22,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from ..capture import normalize
 from ..capture.writer import TraceWriter
 from ..errors import ProtegeError
 from ..ids import uuid7
 from ..traces.record import TraceRecord
+from .metrics import Metrics
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-LATENCY_BUCKETS_S = (0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+log = logging.getLogger("protege.serve")
 
 
 class RequestError(Exception):
@@ -48,75 +49,6 @@ class RequestError(Exception):
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message, "type": self.kind, "param": self.param,
                                        "code": self.kind if self.status != 401 else "invalid_api_key"}})
-
-
-@dataclass
-class Metrics:
-    requests: dict[str, int] = field(default_factory=lambda: {"specialist": 0, "fallback": 0})
-    errors: dict[int, int] = field(default_factory=dict)
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
-    latency_sum: float = 0.0
-    batch_sizes: dict[int, int] = field(default_factory=dict)
-    """Model calls, by how many requests each answered."""
-
-    @property
-    def batches(self) -> int:
-        return sum(dict(self.batch_sizes).values())  # a copy: the model thread adds to it
-
-    @property
-    def batched_requests(self) -> int:
-        return sum(size * n for size, n in dict(self.batch_sizes).items())
-
-    def observe_batch(self, size: int) -> None:
-        self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
-
-    def observe(self, seconds: float, answered_by: str) -> None:
-        self.requests[answered_by] = self.requests.get(answered_by, 0) + 1
-        self.latency_sum += seconds
-        for i, b in enumerate(LATENCY_BUCKETS_S):
-            if seconds <= b:
-                self.buckets[i] += 1
-                break
-        else:
-            self.buckets[-1] += 1
-
-    def render(self, model: str) -> bytes:
-        total = sum(self.requests.values())
-        # a copy: the model thread adds batch sizes while this runs on the event loop
-        sizes = dict(self.batch_sizes)
-        batches, batched = sum(sizes.values()), sum(size * n for size, n in sizes.items())
-        lines = ["# HELP protege_serve_requests_total Chat completions answered, by who answered.",
-                 "# TYPE protege_serve_requests_total counter"]
-        for who, n in self.requests.items():
-            lines.append(f'protege_serve_requests_total{{model="{model}",answered_by="{who}"}} {n}')
-        lines += ["# HELP protege_serve_errors_total Requests refused or failed, by HTTP status.",
-                  "# TYPE protege_serve_errors_total counter"]
-        for code, n in sorted(self.errors.items()):
-            lines.append(f'protege_serve_errors_total{{status="{code}"}} {n}')
-        lines += ["# HELP protege_serve_latency_seconds Time from request to response, server side.",
-                  "# TYPE protege_serve_latency_seconds histogram"]
-        cum = 0
-        for b, n in zip(LATENCY_BUCKETS_S, self.buckets):
-            cum += n
-            lines.append(f'protege_serve_latency_seconds_bucket{{le="{b}"}} {cum}')
-        lines.append(f'protege_serve_latency_seconds_bucket{{le="+Inf"}} {total}')
-        lines.append(f"protege_serve_latency_seconds_sum {self.latency_sum}")
-        lines.append(f"protege_serve_latency_seconds_count {total}")
-        rate = self.requests.get("fallback", 0) / total if total else 0.0
-        lines += ["# HELP protege_serve_fallback_rate Share of requests answered by the fallback model.",
-                  "# TYPE protege_serve_fallback_rate gauge", f"protege_serve_fallback_rate {rate}",
-                  "# HELP protege_serve_batch_size_mean Mean requests per model call.",
-                  "# TYPE protege_serve_batch_size_mean gauge",
-                  f"protege_serve_batch_size_mean {batched / batches if batches else 0}",
-                  "# HELP protege_serve_batch_size Requests per model call.",
-                  "# TYPE protege_serve_batch_size histogram"]
-        cum = 0
-        for b in BATCH_BUCKETS:
-            cum += sum(n for size, n in sizes.items() if b // 2 < size <= b)
-            lines.append(f'protege_serve_batch_size_bucket{{le="{b}"}} {cum}')
-        lines += [f'protege_serve_batch_size_bucket{{le="+Inf"}} {batches}',
-                  f"protege_serve_batch_size_sum {batched}", f"protege_serve_batch_size_count {batches}"]
-        return ("\n".join(lines) + "\n").encode()
 
 
 class Batcher:
@@ -277,6 +209,11 @@ class ServeApp:
             self.metrics.errors[exc.status] = self.metrics.errors.get(exc.status, 0) + 1
             headers = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
             await _send(send, exc.status, exc.body(), headers=headers)
+        except Exception as exc:  # a bug of ours still answers in the API's shape, and is logged
+            log.exception("protege serve: unexpected error")
+            self.metrics.errors[500] = self.metrics.errors.get(500, 0) + 1
+            await _send(send, 500, RequestError(500, f"protege serve failed: {type(exc).__name__}: {exc}",
+                                                kind="server_error").body())
 
     async def _handle(self, scope, receive, send):
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
@@ -285,7 +222,10 @@ class ServeApp:
                                                  "uptime_s": round(time.time() - self.started, 1)}))
             return
         if path == "/metrics":
-            await _send(send, 200, self.metrics.render(self.name), content_type=b"text/plain; version=0.0.4")
+            text = self.metrics.render(self.name)
+            if self.writer is not None:
+                text += ("\n".join(self.writer.metrics("protege_serve")) + "\n").encode()
+            await _send(send, 200, text, content_type=b"text/plain; version=0.0.4")
             return
         self._authorize(scope)
         if path == "/v1/models":
@@ -368,15 +308,20 @@ class ServeApp:
         answered_by, model, text, usage, upstream_status = "specialist", self.name, pred.output, None, 200
         if self.fallback and self.threshold is not None and (confidence is None or confidence < self.threshold):
             data, upstream_status = await self.fallback.complete(body)
-            if upstream_status >= 400 or "choices" not in data:
-                self.metrics.errors[upstream_status] = self.metrics.errors.get(upstream_status, 0) + 1
-                self._trace(body, None, "fallback", confidence, time.perf_counter() - t0,
-                            error=str(data.get("error"))[:500], status=upstream_status)
-                await _send(send, upstream_status if upstream_status >= 400 else 502, orjson.dumps(data))
+            text, problem = fallback_answer(data, upstream_status)
+            if problem is not None:
+                status = upstream_status if upstream_status >= 400 else 502
+                self.metrics.errors[status] = self.metrics.errors.get(status, 0) + 1
+                self._trace(body, None, "fallback", confidence, time.perf_counter() - t0, error=problem,
+                            status=upstream_status, response=data)
+                error = data.get("error") if isinstance(data, dict) and upstream_status >= 400 else None
+                payload = {"error": error if isinstance(error, dict) else
+                           {"message": f"the fallback {self.fallback.model} failed: {problem}",
+                            "type": "upstream_error", "param": None, "code": "upstream_error"}}
+                await _send(send, status, orjson.dumps(payload))
                 return
-            answered_by, model = "fallback", data.get("model") or self.fallback.model
-            text = (data["choices"][0].get("message") or {}).get("content") or ""
-            usage = data.get("usage")
+            answered_by, model = "fallback", normalize.model_name(data) or self.fallback.model
+            usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
         elapsed = time.perf_counter() - t0
         self.metrics.observe(elapsed, answered_by)
         self._trace(body, text, answered_by, confidence, elapsed, model=model, usage=usage)
@@ -400,18 +345,38 @@ class ServeApp:
         await _send(send, 200, orjson.dumps(out), headers=headers)
 
     def _trace(self, body, text, answered_by, confidence, seconds, *, model=None, usage=None, error=None,
-               status=200) -> None:
+               status=200, response=None) -> None:
         if self.writer is None:
             return
         usage = usage or {}
         self.writer.submit(TraceRecord(
-            request=body, output_text=text, source="serve", task=self.task or (body.get("metadata") or {}).get(
+            request=body, response=response, output_text=text, source="serve", task=self.task or (body.get("metadata") or {}).get(
                 "protege_task"), provider="protege" if answered_by == "specialist" else "fallback",
             model=model or self.name, prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"), latency_ms=seconds * 1000, stream=bool(body.get("stream")),
             status="ok" if error is None else "error", http_status=status, error=error,
             metadata={"answered_by": answered_by, "confidence": confidence, "specialist": self.name,
                       "run_id": self.run_id, "threshold": self.threshold}))
+
+
+def fallback_answer(data: Any, status: int) -> tuple[str | None, str | None]:
+    """(the fallback's reply text, None) or (None, what is wrong with its answer)."""
+    if status >= 400:
+        error = data.get("error") if isinstance(data, dict) else None
+        detail = orjson.dumps(error).decode() if error is not None else orjson.dumps(data).decode()
+        return None, f"HTTP {status}: {detail[:500]}"
+    if not isinstance(data, dict):
+        return None, f"HTTP {status} with a JSON {type(data).__name__}, not a chat completion object"
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return None, f"HTTP {status} with no choices ({orjson.dumps(choices).decode()[:100]})"
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    if not isinstance(message, dict):
+        return None, f"HTTP {status} whose choices[0] has no message ({orjson.dumps(choices[0]).decode()[:100]})"
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        return None, f"HTTP {status} whose choices[0].message.content is a {type(content).__name__}, not text"
+    return content or "", None
 
 
 async def _send(send, status: int, body: bytes, *, content_type: bytes = b"application/json",
