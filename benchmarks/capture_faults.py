@@ -58,7 +58,7 @@ def poison_kind(n: int) -> tuple[str, dict, dict]:
     """(text suffix, extra body, extra headers) for request n of a poison run: one in four is poison."""
     kinds = [("", {}, {}), (" nul \x00 inside", {}, {}), (" long task", {}, {"X-Protege-Task": "t" * 300}),
              (" long model", {"model": "m" * 300}, {}), (" HUGEUSAGE", {}, {}), (" numeric model", {"model": 123}, {})]
-    return kinds[n % len(kinds)] if n % 4 == 0 else kinds[0]
+    return kinds[1 + (n // 4) % (len(kinds) - 1)] if n % 4 == 0 else kinds[0]
 
 
 class Server:
@@ -277,7 +277,7 @@ def main() -> None:
         for fault, db in plan:
             rows.append(run_scenario("proxy", fault, proxy, db, args.seconds, args.concurrency, chat_body, relay))
         if not args.no_serve:
-            run_id, db = train_tiny_specialist(tmp)
+            run_id, db = train_tiny_specialist(tmp, sqlite_db("serve"))
 
             def serve_body(text, extra):
                 return {"model": "x", "messages": [{"role": "system", "content": "Classify."},
@@ -285,6 +285,10 @@ def main() -> None:
 
             for fault in ("baseline", "poison rows", "SIGTERM", "SIGKILL"):
                 rows.append(run_scenario("serve", fault, ["serve", f"run:{run_id}"], db, args.seconds,
+                                         args.concurrency, serve_body, relay))
+            if pg:  # a NUL is poison only to PostgreSQL: serve from a run registered there too
+                pg_run, pg_db = train_tiny_specialist(tmp, pg.url(None))
+                rows.append(run_scenario("serve", "poison rows", ["serve", f"run:{pg_run}"], pg_db, args.seconds,
                                          args.concurrency, serve_body, relay))
     finally:
         upstream.stop()
@@ -348,7 +352,7 @@ class PgDatabase:
         self.admin.dispose()
 
 
-def train_tiny_specialist(tmp: Path) -> tuple[str, str]:
+def train_tiny_specialist(tmp: Path, db: str) -> tuple[str, str]:
     """A 1-layer BERT classifier (MiniLM's tokenizer, random start) trained for a tenth of an
     epoch on BANKING77: a real specialist for `protege serve`, made in seconds (its accuracy
     does not matter here; every answer is acknowledged, right or wrong)."""
@@ -364,14 +368,13 @@ def train_tiny_specialist(tmp: Path) -> tuple[str, str]:
     from protege.train.recipe import load_recipe
 
     examples = Path(__file__).resolve().parent.parent / "examples" / "banking77"
-    home = tmp / "serve-home"
-    db = f"sqlite:///{tmp / 'serve.db'}"
+    home = Path(tempfile.mkdtemp(prefix="serve-home-", dir=tmp))
     store = Store(db)
     import_file(store, examples / "traces.jsonl.gz", ImportOptions(task="banking77"))
     task = load_task(examples / "task.yaml")
     ds = get_dataset(store, build_dataset(store, task, home, test_from=examples / "test.jsonl.gz").id)
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    base = tmp / "tiny-bert"
+    base = home / "tiny-bert"
     BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=128)).save_pretrained(base)
     tok.save_pretrained(base)
