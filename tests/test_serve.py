@@ -31,7 +31,8 @@ def trained(sqlite_store, tmp_path, home, tiny_bert):  # noqa: F811
 
 def make_server(sqlite_store, home, tmp_path, run_id, **kw):
     from protege.capture.writer import TraceWriter
-    from protege.serve.app import ServeApp, load_specialist
+    from protege.serve.app import ServeApp
+    from protege.serve.specialist import load_specialist
 
     name, predict, task, rid = load_specialist(f"run:{run_id}", sqlite_store, home)
     writer = TraceWriter(sqlite_store, tmp_path / "spool")
@@ -81,7 +82,8 @@ def test_serves_openai_clients_batches_and_stores_traces(sqlite_store, tmp_path,
 
 
 def test_fallback_answers_below_the_threshold_and_not_above(sqlite_store, tmp_path, home, trained):
-    from protege.serve.app import Fallback, load_specialist
+    from protege.serve.fallback import Fallback
+    from protege.serve.specialist import load_specialist
 
     task, _, run_id = trained
     _, predict, _, _ = load_specialist(f"run:{run_id}", sqlite_store, home)
@@ -244,7 +246,7 @@ def test_int8_quantized_specialist_is_a_bench_candidate_and_serves(sqlite_store,
     assert 0 <= int8.metrics["accuracy"]["value"] <= 1 and "accuracy" in int8.paired
     with pytest.raises(ProtegeError, match="quantize must be none or int8"):
         build_candidate(f"run:{run_id}?quantize=int4", Context(task=task, dataset=ds, home=home, store=sqlite_store))
-    from protege.serve.app import load_specialist
+    from protege.serve.specialist import load_specialist
 
     name, predict, _, _ = load_specialist(f"run:{run_id}", sqlite_store, home, options={"quantize": "int8"})
     assert name.endswith("-int8") and predict([{"input": "card"}])[0].output in task.labels
@@ -257,7 +259,7 @@ def test_batcher_waits_under_load_only():
     import threading
     import time
 
-    from protege.serve.app import Batcher
+    from protege.serve.batcher import Batcher
 
     gate, sizes = threading.Event(), []
 
@@ -305,7 +307,7 @@ def test_batcher_waits_under_load_only():
                                     {"choices": [{"message": {"content": 7}}]}])
 def test_a_fallback_200_that_is_no_chat_completion_is_a_502_and_an_error_trace(sqlite_store, tmp_path, home,
                                                                                 trained, answer):
-    from protege.serve.app import Fallback
+    from protege.serve.fallback import Fallback
 
     _, _, run_id = trained
     up = ScriptedUpstream().start()

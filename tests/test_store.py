@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 import pytest
 
-from protege.capture.normalize import assemble_sse, usage
+from protege.traces.normalize import assemble_sse, usage
 from protege.config import Settings, normalize_db_url, redact_url
 from protege.errors import ConfigError, NotFoundError, StoreError
 from protege.ids import uuid7

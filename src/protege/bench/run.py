@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,9 +26,9 @@ from ..datasets.registry import load_split
 from ..errors import ProtegeError
 from ..ids import uuid7
 from ..models.base import Context, Prediction, build_candidate
-from ..tasks.metrics import LabelMap, Metric, get_metric
+from ..tasks.metrics import Metric, get_metric, map_labels
 from ..tasks.spec import Task
-from ..traces import schema
+from ..runs.registry import create_run
 from ..traces.store import Store
 from .stats import bootstrap, paired, quantiles
 
@@ -75,13 +74,7 @@ class BenchReport:
                 "candidates": [r.as_dict() for r in self.results]}
 
 
-def _map_labels(task: Task, outputs: list[str]) -> tuple[list[str], float | None]:
-    if task.kind != "classification":
-        return outputs, None
-    to_label = LabelMap(task.labels)
-    labels = [to_label(o) for o in outputs]
-    valid = sum(1 for label in labels if label is not None) / len(labels) if labels else None
-    return [label if label is not None else o for label, o in zip(labels, outputs)], valid
+_map_labels = map_labels  # until decide/ imports map_labels from tasks.metrics (issue 12)
 
 
 def _judge_scores(task: Task, ctx: Context, rows, cand_out, ref_out) -> np.ndarray:
@@ -167,7 +160,7 @@ def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[s
                 throughput = len(rows) / wall if cand.kind == "api" and fresh and wall > 0 else None
         finally:
             cand.close()
-        outputs, valid = _map_labels(task, [p.output for p in preds])
+        outputs, valid = map_labels(task, [p.output for p in preds])
         outputs_by_spec[spec] = outputs
         scores = {name: bootstrap(m, outputs, refs).as_dict() for name, m in metrics.items()}
         tokens_in = [p.prompt_tokens for p in preds if p.prompt_tokens is not None]
@@ -214,7 +207,6 @@ def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[s
 
 
 def _store_runs(store, task, dataset, home, results, reference, rows, hw, tag=None) -> None:
-    now = datetime.now(timezone.utc)
     with store.engine.begin() as conn:
         for r in results:
             folder = Path(home) / "runs" / r.run_id
@@ -226,13 +218,12 @@ def _store_runs(store, task, dataset, home, results, reference, rows, hw, tag=No
                                    **({"label_probs": p.label_probs} if p.label_probs else {})})
                      for row, p in zip(rows, r.outputs)]
             (folder / "outputs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-            conn.execute(schema.runs.insert().values(
-                id=r.run_id, kind="bench", task=task.name, status="done",
-                config={"candidate": r.spec, "reference": reference, "rows": len(rows),
-                        "hardware_usd_per_hour": hw, "dataset": dataset["id"], "tag": tag},
-                base_model=r.spec, dataset_id=dataset["id"],
-                metrics={k: json_safe(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
-                outputs_path=str((folder / "outputs.jsonl").resolve()), created_at=now, finished_at=now))
+            create_run(store, kind="bench", task=task.name, status="done", run_id=r.run_id, conn=conn,
+                       config={"candidate": r.spec, "reference": reference, "rows": len(rows),
+                               "hardware_usd_per_hour": hw, "dataset": dataset["id"], "tag": tag},
+                       base_model=r.spec, dataset_id=dataset["id"],
+                       metrics={k: json_safe(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
+                       outputs_path=str((folder / "outputs.jsonl").resolve()))
 
 
 def json_safe(value):

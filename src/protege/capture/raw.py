@@ -20,7 +20,7 @@ import orjson
 from ..ids import uuid7
 from ..prices import PriceTable
 from ..traces.record import TraceRecord
-from . import normalize
+from ..traces import normalize
 
 _LEN = struct.Struct("<I")
 _BYTES_FIELDS = ("request_body", "response_body")

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import Settings
 from ..traces.record import TraceRecord
-from . import normalize
+from ..traces import normalize
 from .writer import TraceWriter
 
 _writers: dict[tuple[str, str], TraceWriter] = {}

@@ -36,7 +36,9 @@ def serve_cmd(
 ):
     """Serve a trained specialist behind an OpenAI-compatible endpoint, with the frontier model as fallback."""
     from ..capture.writer import TraceWriter
-    from ..serve.app import Fallback, ServeApp, load_specialist, run_server
+    from ..serve.app import ServeApp, run_server
+    from ..serve.fallback import Fallback
+    from ..serve.specialist import load_specialist
 
     if (fallback is None) != (threshold is None):
         raise ProtegeError("--fallback and --threshold go together: the fallback answers below the threshold")

@@ -36,8 +36,9 @@ from ..tasks.spec import Task
 from ..traces import schema
 from ..traces.store import Store
 from . import dedupe, pii
+from .registry import SPLITS
 
-SPLITS = ("train", "validation", "test")
+
 STALE_AFTER_S = 24 * 3600
 """A build folder this old whose builder cannot be checked (another machine, older naming) is stale."""
 _BUILD_DIR = re.compile(r"\.build-(?P<pid>\d+)-(?P<host>.+)-[^-]+")

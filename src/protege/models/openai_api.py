@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from ..capture import normalize
+from ..traces import normalize
 from ..errors import ProtegeError
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import normalize_text
@@ -59,18 +59,28 @@ class ResponseCache:
         self.db.close()
 
 
+def openai_endpoint(rest: str, options: dict[str, str], where: str) -> tuple[str, str, str | None]:
+    """(model, base URL, API key) of `openai:MODEL@BASE_URL[?key_env=NAME]`, the key read
+    from the environment; `where` names the candidate or flag in errors."""
+    if "@" not in rest:
+        raise ProtegeError(f"{where}: write openai:MODEL@BASE_URL, e.g. openai:gpt-4.1-mini@https://api.openai.com/v1")
+    model, base_url = rest.split("@", 1)
+    base_url = base_url.rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        raise ProtegeError(f"{where}: the base URL must start with http:// or https://")
+    key_env = options.get("key_env", "OPENAI_API_KEY")
+    api_key = os.environ.get(key_env)
+    if not api_key and "api.openai.com" in base_url:
+        raise ProtegeError(f"{where}: no API key; set {key_env} (or name another variable with ?key_env=NAME)")
+    return model, base_url, api_key
+
+
 class OpenAICandidate:
     kind = "api"
 
     def __init__(self, rest: str, options: dict[str, str], ctx: Context):
         self.spec = f"openai:{rest}"
-        if "@" not in rest:
-            raise ProtegeError(f"candidate {self.spec}: write openai:MODEL@BASE_URL, "
-                               "e.g. openai:gpt-4.1-mini@https://api.openai.com/v1")
-        self.model, self.base_url = rest.split("@", 1)
-        self.base_url = self.base_url.rstrip("/")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ProtegeError(f"candidate {self.spec}: the base URL must start with http:// or https://")
+        self.model, self.base_url, self.api_key = openai_endpoint(rest, options, f"candidate {self.spec}")
         self.ctx = ctx
         self.concurrency = option(options, "concurrency", 8, int, self.spec)
         self.retries = option(options, "retries", 5, int, self.spec)
@@ -79,11 +89,6 @@ class OpenAICandidate:
             raise ProtegeError(f"candidate {self.spec}: prompt must be original or specialist")
         self.max_tokens = option(options, "max_tokens", None, int, self.spec)
         self.temperature = option(options, "temperature", 0.0, float, self.spec)
-        key_env = option(options, "key_env", "OPENAI_API_KEY", str, self.spec)
-        self.api_key = os.environ.get(key_env)
-        if not self.api_key and "api.openai.com" in self.base_url:
-            raise ProtegeError(f"candidate {self.spec}: no API key; set {key_env} (or name another variable "
-                               f"with ?key_env=NAME)")
         use_cache = option(options, "cache", "on", str, self.spec) not in ("off", "0", "false")
         self.cache = ResponseCache(ctx.home / "cache" / "responses.db") if use_cache else None
         self.calls = 0

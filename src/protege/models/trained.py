@@ -66,7 +66,7 @@ class TrainedClassifier:
 
 def finished_run_model(store, run_id: str) -> tuple[dict, Path, dict]:
     """(run, its model folder, its protege.json) of a finished training run."""
-    from ..train.runs import get_run
+    from ..runs.registry import get_run
 
     run = get_run(store, run_id)
     if run["status"] != "done":
@@ -78,21 +78,28 @@ def finished_run_model(store, run_id: str) -> tuple[dict, Path, dict]:
     return run, folder, orjson.loads(meta_path.read_bytes())
 
 
+def specialist(folder: Path, meta: dict, run_id: str | None, options: dict, ctx: Context):
+    """The candidate for a model folder made by protege train; its protege.json says which
+    method made it, so which backend answers."""
+    method = meta.get("method")
+    if method == "classifier":
+        return TrainedClassifier(run_id or folder.name, folder, meta, options, ctx)
+    if method in ("lora", "full", "distill", "grpo"):
+        from .causal import CausalLM
+
+        # a fine-tuned specialist knows its task: it gets the task's own short prompt
+        return CausalLM(str(folder), {"instructed": "0", **options}, ctx, spec=f"run:{run_id}",
+                        instructed_default=False)
+    raise ProtegeError(f"run {run_id or folder}: method {method!r} cannot be benched or served yet")
+
+
 def _factory(rest: str, options: dict, ctx: Context):
     from ..traces.store import Store
     from ..config import Settings
 
     store = Store(Settings.resolve(home=ctx.home).database_url) if ctx.store is None else ctx.store
     run, folder, meta = finished_run_model(store, rest)
-    if meta.get("method") == "classifier":
-        return TrainedClassifier(run["id"], folder, meta, options, ctx)
-    if meta.get("method") in ("lora", "full", "distill", "grpo"):
-        from .causal import CausalLM
-
-        # a fine-tuned specialist knows its task: it gets the task's own short prompt
-        return CausalLM(str(folder), {"instructed": "0", **options}, ctx, spec=f"run:{run['id']}",
-                        instructed_default=False)
-    raise ProtegeError(f"run {run['id']}: method {meta.get('method')!r} cannot be benched yet")
+    return specialist(folder, meta, run["id"], options, ctx)
 
 
 register_candidate("run", _factory)

@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import queue
-import threading
 import time
-from typing import Any
 
 import orjson
 
-from ..capture import normalize
+from ..traces import normalize
 from ..capture.writer import TraceWriter
-from ..errors import ProtegeError
 from ..ids import uuid7
 from ..traces.record import TraceRecord
+from .batcher import Batcher
+from .fallback import Fallback, fallback_answer
 from .metrics import Metrics
 
 log = logging.getLogger("protege.serve")
@@ -49,128 +46,6 @@ class RequestError(Exception):
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message, "type": self.kind, "param": self.param,
                                        "code": self.kind if self.status != 401 else "invalid_api_key"}})
-
-
-class Batcher:
-    """One thread owns the model and answers whatever is waiting, up to `max_batch` at once.
-
-    A lone request on an idle server is answered at once. Under load (the last batch held
-    more than one request) the thread lets `wait_s` pass, or `max_batch` requests gather,
-    before it starts: clients in a closed loop send their next requests a moment apart, and
-    without the wait the first of them would go alone and the rest one batch later (at 8
-    clients, batches of 1 and 7 by turns). A batch of one ends the waiting."""
-
-    def __init__(self, predict, max_batch: int = 32, metrics: Metrics | None = None, wait_s: float = 0.005):
-        self.predict, self.max_batch, self.metrics = predict, max_batch, metrics or Metrics()
-        self.wait_s = wait_s
-        self.last = 1
-        self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="protege-serve-model", daemon=True)
-        self.thread.start()
-
-    def submit(self, row: dict, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        fut = loop.create_future()
-        self.queue.put((row, fut, loop))
-        return fut
-
-    def _take(self) -> list | None:
-        """The next batch; None once closed."""
-        first = self.queue.get()
-        if first is None:
-            return None
-        items = [first]
-        deadline = time.monotonic() + self.wait_s if self.last > 1 and self.wait_s > 0 else None
-        while len(items) < self.max_batch:
-            try:
-                nxt = self.queue.get_nowait()
-            except queue.Empty:
-                remaining = deadline - time.monotonic() if deadline is not None else 0.0
-                if remaining <= 0:
-                    break
-                try:
-                    nxt = self.queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            if nxt is None:
-                self.queue.put(None)
-                break
-            items.append(nxt)
-        self.last = len(items)
-        return items
-
-    def _run(self) -> None:
-        while True:
-            items = self._take()
-            if items is None:
-                return
-            self.metrics.observe_batch(len(items))
-            try:
-                preds = self.predict([row for row, _, _ in items])
-                for (_, fut, loop), pred in zip(items, preds):
-                    loop.call_soon_threadsafe(_resolve, fut, pred, None)
-            except Exception as exc:  # the model failed: every waiting request gets the error
-                for _, fut, loop in items:
-                    loop.call_soon_threadsafe(_resolve, fut, None, exc)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=10)
-
-
-def _resolve(fut: asyncio.Future, value, exc) -> None:
-    if fut.cancelled():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(value)
-
-
-class Fallback:
-    """The frontier model the cascade hands low-confidence requests to: `openai:MODEL@URL`."""
-
-    def __init__(self, spec: str, timeout_s: float = 120.0):
-        from ..models.base import parse_spec
-
-        scheme, rest, options = parse_spec(spec)
-        if scheme != "openai" or "@" not in rest:
-            raise ProtegeError(f"--fallback {spec!r}: write openai:MODEL@BASE_URL, e.g. "
-                               "openai:gpt-4.1-mini@https://api.openai.com/v1")
-        self.spec = spec
-        self.model, base = rest.split("@", 1)
-        self.url = base.rstrip("/") + "/chat/completions"
-        key_env = options.get("key_env", "OPENAI_API_KEY")
-        self.key = os.environ.get(key_env)
-        if not self.key and "api.openai.com" in base:
-            raise ProtegeError(f"--fallback {spec}: no API key; set {key_env} (or add ?key_env=NAME)")
-        self.timeout_s = timeout_s
-        self.session = None
-
-    async def complete(self, body: dict) -> tuple[dict, int]:
-        import aiohttp
-
-        if self.session is None or self.session.closed:
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        payload = {**body, "model": self.model, "stream": False}
-        payload.pop("stream_options", None)
-        try:
-            async with self.session.post(self.url, data=orjson.dumps(payload), headers=headers) as resp:
-                data = await resp.read()
-                try:
-                    parsed = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    parsed = {"error": {"message": data[:500].decode("utf-8", "replace"), "type": "upstream_error"}}
-                return parsed, resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return {"error": {"message": f"fallback {self.model} unreachable: {type(exc).__name__}: {exc}",
-                              "type": "upstream_error"}}, 502
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
 
 
 class ServeApp:
@@ -359,26 +234,6 @@ class ServeApp:
                       "run_id": self.run_id, "threshold": self.threshold}))
 
 
-def fallback_answer(data: Any, status: int) -> tuple[str | None, str | None]:
-    """(the fallback's reply text, None) or (None, what is wrong with its answer)."""
-    if status >= 400:
-        error = data.get("error") if isinstance(data, dict) else None
-        detail = orjson.dumps(error).decode() if error is not None else orjson.dumps(data).decode()
-        return None, f"HTTP {status}: {detail[:500]}"
-    if not isinstance(data, dict):
-        return None, f"HTTP {status} with a JSON {type(data).__name__}, not a chat completion object"
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return None, f"HTTP {status} with no choices ({orjson.dumps(choices).decode()[:100]})"
-    message = choices[0].get("message") if isinstance(choices[0], dict) else None
-    if not isinstance(message, dict):
-        return None, f"HTTP {status} whose choices[0] has no message ({orjson.dumps(choices[0]).decode()[:100]})"
-    content = message.get("content")
-    if content is not None and not isinstance(content, str):
-        return None, f"HTTP {status} whose choices[0].message.content is a {type(content).__name__}, not text"
-    return content or "", None
-
-
 async def _send(send, status: int, body: bytes, *, content_type: bytes = b"application/json",
                 headers: list | None = None) -> None:
     await send({"type": "http.response.start", "status": status,
@@ -407,50 +262,7 @@ async def _stream(send, cid, created, model, text, usage, extra, headers, includ
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def load_specialist(target: str, store, home, task_file: str | None = None, options: dict | None = None):
-    """(name, predict function, task, run id) for `run:ID`, a run id, or a model folder made by
-    protege train."""
-    from pathlib import Path
-
-    from ..models.base import Context
-    from ..models.trained import finished_run_model
-    from ..tasks.spec import load_task
-
-    run = None
-    folder = Path(target)
-    if (folder / "protege.json").exists():
-        meta = orjson.loads((folder / "protege.json").read_bytes())
-    else:
-        run, folder, meta = finished_run_model(store, target[4:] if target.startswith("run:") else target)
-    if task_file is None and run is not None:
-        task_file = run["config"].get("task_file") or None
-        if not task_file and run.get("dataset_id"):
-            from ..datasets.registry import get_dataset, manifest
-
-            task_file = manifest(get_dataset(store, run["dataset_id"])).get("task_file")
-    if not task_file or not Path(task_file).exists():
-        raise ProtegeError(f"{target}: cannot find the task file it was trained for ({task_file or 'not recorded'}); "
-                           "pass --task TASK_FILE")
-    task = load_task(task_file)
-    if meta.get("task") and meta["task"] != task.name:
-        raise ProtegeError(f"{target} was trained for task {meta['task']!r}, not {task.name!r}")
-    ctx = Context(task=task, dataset={}, home=Path(home), store=store)
-    run_id = meta.get("run_id") or (run or {}).get("id")
-    if meta.get("method") == "classifier":
-        from ..models.trained import TrainedClassifier
-
-        cand: Any = TrainedClassifier(run_id or folder.name, folder, meta, dict(options or {}), ctx)
-    else:
-        from ..models.causal import CausalLM
-
-        cand = CausalLM(str(folder), {"instructed": "0", **(options or {})}, ctx, spec=f"run:{run_id}",
-                        instructed_default=False)
-    name = f"protege-{task.name}-{(run_id or folder.name)[:13]}" + (
-        f"-{options['quantize']}" if (options or {}).get("quantize", "none") != "none" else "")
-    return name, cand.predict, task, run_id
-
-
 def run_server(app: ServeApp, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    from ..capture.proxy import run_asgi
+    from ..asgi import run_asgi
 
     run_asgi(app, host, port, log_level)

@@ -25,7 +25,8 @@ from ..tasks.spec import Task
 
 def calibrate(store, task: Task, home: Path, run: str, *, target: float, fallback_quality: float = 1.0,
               dataset: str | None = None, limit: int | None = None) -> dict:
-    from ..bench.run import _map_labels, sample_rows
+    from ..bench.run import sample_rows
+    from ..tasks.metrics import map_labels
     from ..datasets.registry import get_dataset, load_split
     from ..models.base import Context, build_candidate
 
@@ -45,7 +46,7 @@ def calibrate(store, task: Task, home: Path, run: str, *, target: float, fallbac
     metric = get_metric(task.metric_names[0])
     if metric.per_example is None:
         metric = get_metric("exact_match")
-    outputs, _ = _map_labels(task, [p.output for p in preds])
+    outputs, _ = map_labels(task, [p.output for p in preds])
     scores = metric.per_example(outputs, [r["reference"] for r in rows])
     conf = np.array([p.confidence for p in preds])
     order = np.argsort(-conf)

@@ -51,6 +51,18 @@ class LabelMap:
         return self.folded.get(text.casefold())
 
 
+def map_labels(task, outputs: list[str]) -> tuple[list[str], float | None]:
+    """A classification task's outputs mapped onto its labels (an output that is no label
+    stays as it is, and scores as wrong), with the share that were labels; other tasks'
+    outputs unchanged, with None."""
+    if task.kind != "classification":
+        return outputs, None
+    to_label = LabelMap(task.labels)
+    labels = [to_label(o) for o in outputs]
+    valid = sum(1 for label in labels if label is not None) / len(labels) if labels else None
+    return [label if label is not None else o for label, o in zip(labels, outputs)], valid
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import orjson
 import sqlalchemy as sa
 
-from ..capture import normalize
+from . import normalize
 from ..config import redact_url
 from ..errors import InputError, ProtegeError, StoreError
 from ..prices import PriceTable

@@ -6,13 +6,11 @@ scored on the frozen benchmark. Stored as a `curve` run for the decision stage.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import ProtegeError
-from ..ids import uuid7
+from ..runs.registry import create_run, get_run, list_runs
 from ..tasks.spec import Task
-from ..traces import schema
 from ..traces.store import Store
 
 
@@ -30,7 +28,6 @@ def reusable_run(store: Store, task: str, dataset_id: str, base: str, method: st
                  fraction: float) -> str | None:
     """A finished training run with exactly this base, method, recipe, dataset and train share
     (the full run a specialist came from is the curve's 100% point): trained once, used again."""
-    from .runs import list_runs
 
     want = recipe.model_dump()
     for r in list_runs(store, task=task, kind="train", limit=1000):
@@ -47,7 +44,6 @@ def learning_curve(store: Store, task: Task, dataset: dict, home: Path, base: st
                    fractions: list[float], *, limit: int | None = None, console=None, on_point=None) -> dict:
     from ..bench.run import run_bench
     from .api import train
-    from .runs import get_run
 
     metric = task.metric_names[0]
     points = []
@@ -64,13 +60,8 @@ def learning_curve(store: Store, task: Task, dataset: dict, home: Path, base: st
         points.append(point)
         if on_point:
             on_point(point)
-    curve_id = uuid7()
-    now = datetime.now(timezone.utc)
-    with store.engine.begin() as conn:
-        conn.execute(schema.runs.insert().values(
-            id=curve_id, kind="curve", task=task.name, status="done",
-            config={"method": method, "base": base, "fractions": fractions, "recipe": recipe.model_dump(),
-                    "dataset": dataset["id"], "test_rows": limit},
-            base_model=base, dataset_id=dataset["id"], metrics={"metric": metric, "points": points},
-            created_at=now, finished_at=now))
+    curve_id = create_run(store, kind="curve", task=task.name, status="done",
+                          config={"method": method, "base": base, "fractions": fractions,
+                                  "recipe": recipe.model_dump(), "dataset": dataset["id"], "test_rows": limit},
+                          base_model=base, dataset_id=dataset["id"], metrics={"metric": metric, "points": points})
     return {"id": curve_id, "metric": metric, "points": points}

@@ -1,7 +1,8 @@
 """Turn raw OpenAI-style payloads into the normalised trace fields.
 
-Shared by the proxy, the SDK wrapper and the importers, so a trace means the same thing
-whichever way it arrived.
+Shared by the proxy, the SDK wrapper, the importers and the API candidates, so a trace
+means the same thing whichever way it arrived. It lives with the store, below every
+stage that captures or reads payloads.
 """
 
 from __future__ import annotations

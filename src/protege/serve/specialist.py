@@ -1,0 +1,42 @@
+"""What `protege serve` serves: a trained specialist, found by run id or model folder."""
+
+from __future__ import annotations
+
+import orjson
+
+from ..errors import ProtegeError
+
+
+def load_specialist(target: str, store, home, task_file: str | None = None, options: dict | None = None):
+    """(name, predict function, task, run id) for `run:ID`, a run id, or a model folder made by
+    protege train."""
+    from pathlib import Path
+
+    from ..models.base import Context
+    from ..models.trained import finished_run_model, specialist
+    from ..tasks.spec import load_task
+
+    run = None
+    folder = Path(target)
+    if (folder / "protege.json").exists():
+        meta = orjson.loads((folder / "protege.json").read_bytes())
+    else:
+        run, folder, meta = finished_run_model(store, target[4:] if target.startswith("run:") else target)
+    if task_file is None and run is not None:
+        task_file = run["config"].get("task_file") or None
+        if not task_file and run.get("dataset_id"):
+            from ..datasets.registry import get_dataset, manifest
+
+            task_file = manifest(get_dataset(store, run["dataset_id"])).get("task_file")
+    if not task_file or not Path(task_file).exists():
+        raise ProtegeError(f"{target}: cannot find the task file it was trained for ({task_file or 'not recorded'}); "
+                           "pass --task TASK_FILE")
+    task = load_task(task_file)
+    if meta.get("task") and meta["task"] != task.name:
+        raise ProtegeError(f"{target} was trained for task {meta['task']!r}, not {task.name!r}")
+    ctx = Context(task=task, dataset={}, home=Path(home), store=store)
+    run_id = meta.get("run_id") or (run or {}).get("id")
+    cand = specialist(folder, meta, run_id, dict(options or {}), ctx)
+    name = f"protege-{task.name}-{(run_id or folder.name)[:13]}" + (
+        f"-{options['quantize']}" if (options or {}).get("quantize", "none") != "none" else "")
+    return name, cand.predict, task, run_id
