@@ -3,16 +3,14 @@ scripted upstream and a real proxy server on 127.0.0.1."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
-import threading
 import uuid
 
 import pytest
 import sqlalchemy as sa
 
 from protege.testing import ScriptedUpstream
+from helpers import ServerThread
 
 PG_URL = os.environ.get("PROTEGE_TEST_DATABASE_URL")
 
@@ -109,41 +107,6 @@ def upstream():
     up = ScriptedUpstream().start()
     yield up
     up.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """Runs an ASGI app under uvicorn on its own thread and event loop."""
-
-    def __init__(self, app, port: int | None = None):
-        import uvicorn
-
-        self.port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="on", log_level="error",
-                                access_log=False, loop="asyncio", http="httptools")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                return self
-            threading.Event().wait(0.01)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture

@@ -3,67 +3,27 @@ local OpenAI-compatible server and real stores."""
 
 from __future__ import annotations
 
-import gzip
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from protege.bench.run import run_bench
-from protege.datasets.build import build_dataset
-from protege.datasets.registry import get_dataset, load_split
+from protege.datasets.registry import load_split
 from protege.errors import ProtegeError
 from protege.models.base import Context, build_candidate
 from protege.prices import load_prices
 from protege.tasks.spec import load_task
 from protege.testing import ScriptedUpstream
 from protege.traces import schema
-from protege.traces.importers import ImportOptions, import_file
-
-EXAMPLES = Path(__file__).parents[1] / "examples" / "banking77"
-LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked", "Refund_not_showing_up"]
-
-
-def take(path: Path, per_label: int) -> list[dict]:
-    out, counts = [], defaultdict(int)
-    with gzip.open(path, "rt") as fh:
-        for line in fh:
-            row = json.loads(line)
-            label = row["messages"][-1]["content"]
-            if label in LABELS and counts[label] < per_label:
-                counts[label] += 1
-                out.append(row)
-    return out
+from helpers import LABELS, make_banking, run
 
 
 
 @pytest.fixture
 def banking(sqlite_store, tmp_path, home):
     return make_banking(sqlite_store, tmp_path, home)
-
-
-def make_banking(store, tmp_path, home):
-    """A six-intent slice of BANKING77, imported and built into a dataset like a user would."""
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "traces.jsonl.gz", 20)))
-    test = tmp_path / "test.jsonl"
-    test.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "test.jsonl.gz", 4)))
-    import_file(store, train, ImportOptions(task="bank6"))
-    task_path = tmp_path / "task.yaml"
-    task_path.write_text(f"""# protege bench task.yaml -c replay
-name: bank6
-kind: classification
-labels: [{", ".join(LABELS)}]
-prompt:
-  system: Classify the bank customer's message into one support intent.
-references: test_file
-tokenizer: none
-""")
-    task = load_task(task_path)
-    result = build_dataset(store, task, home, test_from=test)
-    return task, get_dataset(store, result.id)
 
 
 def ctx_for(task, ds, home):
@@ -160,7 +120,6 @@ def test_knn_minilm_beats_chance(banking, home):
 
 
 def test_bench_cli_end_to_end(banking, label_upstream, sqlite_store, tmp_path, capsys):
-    from test_cli import run
 
     task, ds = banking
     store, db_url = sqlite_store, sqlite_store.url

@@ -20,12 +20,10 @@ import httpx
 import orjson
 import pytest
 
-from conftest import free_port
 from protege.capture.writer import TraceWriter
 from protege.traces.record import TraceRecord
 from protege.traces.store import Store
-from test_cli import run
-from test_proxy import CHAT, stored, wait_for
+from helpers import CHAT, free_port, run, stored, wait_for
 
 
 def chat(text: str, **more) -> dict:

@@ -9,25 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from protege.cli import main
 from protege.traces.store import Store
+from helpers import free_port, run, write_jsonl
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "banking77"
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 ROWS = [{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"},
@@ -154,7 +139,6 @@ def test_proxy_command_serves_and_flushes_on_stop(tmp_path, upstream):
 
     import httpx
 
-    from conftest import free_port
 
     port = free_port()
     home = tmp_path / "proxyhome"

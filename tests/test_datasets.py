@@ -14,6 +14,7 @@ from protege.datasets.registry import get_dataset, list_datasets, load_split
 from protege.errors import ProtegeError
 from protege.tasks.spec import load_task
 from protege.traces.record import TraceRecord
+from helpers import run
 
 INTENTS = ["card_lost", "refund", "balance"]
 PHRASES = {
@@ -157,7 +158,6 @@ def test_errors(store, tmp_path, home):
 
 
 def test_cli_build_show_list_export(store, db_url, tmp_path, home, capsys):
-    from test_cli import run
 
     fill(store)
     task = task_file(tmp_path)

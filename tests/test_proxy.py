@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import httpx
 import orjson
 import pytest
-
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "where is my card"}]}
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def stored(app, store, n, **filters):
-    """The stored traces, once the proxy has handed over `n` captures and they are written."""
-    assert wait_for(lambda: app.writer.submitted >= n)
-    assert app.writer.flush(15)
-    return store.list_traces(limit=n + 10, newest_first=False, **filters)
-
+from helpers import CHAT, free_port, stored, wait_for
 
 def test_non_streaming_passthrough_is_byte_for_byte(upstream, make_proxy, store, db_url):
     server, app = make_proxy(upstream.url, db_url)
@@ -163,7 +144,6 @@ def test_connection_reset_gives_502_and_error_trace(upstream, make_proxy, store,
 
 
 def test_unreachable_upstream_gives_502(make_proxy, store, db_url):
-    from conftest import free_port
 
     server, app = make_proxy(f"http://127.0.0.1:{free_port()}/v1", db_url)
     r = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT)

@@ -9,10 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import ServerThread
 from protege.testing import ScriptedUpstream
-from test_bench import make_banking
 from test_train import tiny_bert, tiny_llama  # noqa: F401  (fixtures)
+from helpers import ServerThread, free_port, make_banking, run
 
 KEY = "sk-serve-test"
 
@@ -157,7 +156,6 @@ def test_bad_requests_get_openai_style_4xx(sqlite_store, tmp_path, home, trained
 
 
 def test_route_calibrate_picks_the_threshold_for_a_target(sqlite_store, tmp_path, home, trained, capsys):
-    from test_cli import run
 
     task, _, run_id = trained
     code, out, err = run(capsys, "--db", sqlite_store.url, "route", "calibrate", str(task.path), run_id,
@@ -186,8 +184,6 @@ def test_serve_command_runs_and_stops_cleanly(sqlite_store, tmp_path, home, trai
     import sys
     import time
 
-    from conftest import free_port
-    from test_cli import run
 
     task, _, run_id = trained
     code, _, err = run(capsys, "--db", sqlite_store.url, "serve", run_id, "--fallback", "openai:m@http://127.0.0.1:9")

@@ -12,7 +12,7 @@ from protege.capture.writer import TraceWriter
 from protege.traces.record import TraceRecord
 from protege.testing import TcpRelay
 from protege.traces.store import Store
-from test_proxy import CHAT, wait_for
+from helpers import CHAT, wait_for
 
 
 @pytest.mark.postgres
