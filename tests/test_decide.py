@@ -14,11 +14,12 @@ import orjson
 import pytest
 
 from protege.datasets.registry import load_split
-from protege.decide.analysis import Inputs, decide, fit_power_law, rows_to_reach
+from protege.decide.analysis import Inputs, decide
+from protege.decide.curve_fit import fit_power_law, rows_to_reach
+from protege.decide.report import markdown
 from protege.ids import uuid7
 from protege.traces import schema
-from test_bench import make_banking
-
+from helpers import make_banking, run
 
 
 def plant_bench(store, home, task, ds, spec, *, correct: int, kind: str, reference: str = "replay",
@@ -164,9 +165,29 @@ def test_dont_train_when_a_cheap_baseline_suffices_or_the_frontier_wins(sqlite_s
     assert d.verdict == "DON'T TRAIN" and any("short of" in r for r in d.reasons), d.reasons
 
 
-def test_decide_cli_writes_markdown_and_html_that_chromium_renders(sqlite_store, tmp_path, home, capsys):
-    from test_cli import run
+def test_dont_train_when_the_specialist_is_not_cheaper_states_the_risk_once(sqlite_store, tmp_path, home):
+    """As good as the reference but dearer per request: DON'T TRAIN, and the risk sentence
+    comes once, last (it used to be added a second time, issue 12)."""
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    n = len(load_split(ds, "test"))
+    spec_run = plant_train(sqlite_store, task, ds, wall_s=600)
+    plant_bench(sqlite_store, home, task, ds, "knn:minilm", correct=n // 2, kind="local", p50=5, p95=8,
+                throughput=200, cost=0.14)
+    plant_bench(sqlite_store, home, task, ds, f"run:{spec_run}", correct=n, kind="local", p50=6, p95=9,
+                throughput=10, cost=2.78)
+    # the API at 1 USD per 1M requests; the specialist 0.10 USD/h / (10 requests/s x 3600) = 2.78 USD per 1M
+    plant_bench(sqlite_store, home, task, ds, "replay", correct=n, kind="recorded", cost=1.0)
+    d = decide(sqlite_store, task, Inputs())
+    assert d.verdict == "DON'T TRAIN", d.reasons
+    risk = ("Risk: training adds 50.0 points over knn:minilm (untrained); the edge is large enough to survive a "
+            "better base release.")
+    assert [r for r in d.reasons if r.startswith("Risk:")] == [risk]
+    assert d.reasons[-2:] == ["The specialist is not cheaper than the reference per request; train only for "
+                              "latency or data-control reasons.", risk]
+    assert markdown(d).count("- Risk: ") == 1
 
+
+def test_decide_cli_writes_markdown_and_html_that_chromium_renders(sqlite_store, tmp_path, home, capsys):
     task, ds = plant_not_yet(sqlite_store, tmp_path, home)
     out_html, out_md = tmp_path / "report" / "decide.html", tmp_path / "decide.md"
     code, out, err = run(capsys, "--db", sqlite_store.url, "decide", str(task.path), "--monthly-requests", "2000000",
@@ -178,6 +199,7 @@ def test_decide_cli_writes_markdown_and_html_that_chromium_renders(sqlite_store,
     assert "## Recommendation: **NOT YET**" in md and "| knn:minilm |" in md
     code, out, err = run(capsys, "--db", sqlite_store.url, "decide", str(task.path), "--json", "--tolerance", "0.04")
     assert code == 0 and json.loads(out)["verdict"] == "NOT YET"
+    assert json.loads(out)["inputs"]["hardware_usd_per_hour"] == 0.10  # bench's DEFAULT_HARDWARE_USD_PER_HOUR
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is installed by `make test` (Makefile target .venv/.chromium)"

@@ -17,6 +17,10 @@ from pathlib import Path
 
 from .errors import InputError
 
+DEFAULT_HARDWARE_USD_PER_HOUR = 0.10
+"""Assumed price of the 2-vCPU cloud machine a CPU model runs on; pass your own with
+--hardware-usd-per-hour. Shown next to every self-hosted cost."""
+
 COLUMNS = ["provider", "model", "input_usd_per_1m", "cached_input_usd_per_1m", "output_usd_per_1m", "as_of", "source"]
 _DATED_SUFFIX = re.compile(r"-\d")
 

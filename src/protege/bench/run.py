@@ -13,7 +13,6 @@ candidate's per-example outputs are stored as a bench run.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +27,11 @@ from ..ids import uuid7
 from ..models.base import Context, Prediction, build_candidate
 from ..tasks.metrics import Metric, get_metric, map_labels
 from ..tasks.spec import Task
+from ..jsonsafe import json_safe
+from ..prices import DEFAULT_HARDWARE_USD_PER_HOUR
 from ..runs.registry import create_run
 from ..traces.store import Store
 from .stats import bootstrap, paired, quantiles
-
-DEFAULT_HARDWARE_USD_PER_HOUR = 0.10
-"""Assumed price of the 2-vCPU cloud machine a CPU model runs on; pass your own with
---hardware-usd-per-hour. Shown next to every self-hosted cost."""
-
 
 @dataclass
 class CandidateResult:
@@ -73,8 +69,6 @@ class BenchReport:
         return {**{k: v for k, v in self.__dict__.items() if k != "results"},
                 "candidates": [r.as_dict() for r in self.results]}
 
-
-_map_labels = map_labels  # until decide/ imports map_labels from tasks.metrics (issue 12)
 
 
 def _judge_scores(task: Task, ctx: Context, rows, cand_out, ref_out) -> np.ndarray:
@@ -224,15 +218,3 @@ def _store_runs(store, task, dataset, home, results, reference, rows, hw, tag=No
                        base_model=r.spec, dataset_id=dataset["id"],
                        metrics={k: json_safe(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
                        outputs_path=str((folder / "outputs.jsonl").resolve()))
-
-
-def json_safe(value):
-    """JSON has no NaN or Infinity: a figure that is undefined (NaN) or never arrives (an
-    infinite payback) becomes null, at any depth."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

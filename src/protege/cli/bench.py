@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..prices import DEFAULT_HARDWARE_USD_PER_HOUR
 from .common import MAX_ROWS, console, err, fmt, open_store, settings
 
 
@@ -22,7 +23,7 @@ def bench_cmd(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest dataset)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, max=MAX_ROWS, help="A fixed random sample of N test rows (the same rows for every candidate and run)."),
     latency_samples: int = typer.Option(30, "--latency-samples", min=1, help="Requests timed one by one for local models."),
-    hardware_usd_per_hour: float = typer.Option(0.10, "--hardware-usd-per-hour", min=0,
+    hardware_usd_per_hour: float = typer.Option(DEFAULT_HARDWARE_USD_PER_HOUR, "--hardware-usd-per-hour", min=0,
                                                 help="Price of the machine a local model runs on (default: an assumed 2-vCPU cloud VM)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report to this JSON file."),
 ):

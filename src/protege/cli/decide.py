@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..prices import DEFAULT_HARDWARE_USD_PER_HOUR
 from .common import console, err, open_store, print_json, settings
 
 
@@ -17,7 +18,7 @@ def decide_cmd(
                                                      help="Your volume for this step: payback time and monthly costs."),
     value_per_success: Optional[float] = typer.Option(None, "--value-per-success", min=0,
                                                       help="USD a successful output is worth (Token Factor Productivity)."),
-    hardware_usd_per_hour: float = typer.Option(0.10, "--hardware-usd-per-hour", min=0,
+    hardware_usd_per_hour: float = typer.Option(DEFAULT_HARDWARE_USD_PER_HOUR, "--hardware-usd-per-hour", min=0,
                                                 help="Price of the machine that trains and serves the specialist."),
     tolerance: float = typer.Option(0.02, "--tolerance", min=0, max=1,
                                     help="Quality below the reference you accept, as a fraction (0.02 = 2 points)."),
@@ -50,7 +51,7 @@ def decide_cmd(
         data = d.as_dict()
         if data.get("curve") and data["curve"].get("fit"):
             data["curve"]["fit"].pop("_boot", None)
-        from ..bench.run import json_safe
+        from ..jsonsafe import json_safe
 
         print_json(json_safe(data))
     else:

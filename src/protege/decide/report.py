@@ -9,16 +9,15 @@ from html import escape
 import numpy as np
 
 from . import svg
-from .analysis import Decision, _count, _months, _usd, monthly_cost, rows_to_reach
-
-
-def _pct(x) -> str:
-    return "unknown" if x is None else f"{100 * x:.1f}%"
+from .curve_fit import rows_to_reach
+from .economics import monthly_cost
+from .formatting import count, months, pct, usd
+from .types import Decision
 
 
 def _ci(q: dict) -> str:
     lo, hi = q.get("ci95") or (None, None)
-    return f"{_pct(q.get('value'))} [{_pct(lo)}, {_pct(hi)}]"
+    return f"{pct(q.get('value'))} [{pct(lo)}, {pct(hi)}]"
 
 
 def _paired(p: dict | None) -> str:
@@ -52,7 +51,7 @@ def tables(d: Decision) -> dict[str, tuple[list[str], list[list[str]]]]:
         lat = (f"{_ms(c.latency.get('p50'))} / {_ms(c.latency.get('p95'))}" if c.latency.get("p50") is not None
                else c.latency.get("note") or "unknown")
         rows.append([c.spec, c.role, *(_ci(q) for q in c.quality.values()), _paired(c.paired.get(d.metric)), lat,
-                     _usd(c.cost_per_1m), _tfp(c.tfp)])
+                     usd(c.cost_per_1m), _tfp(c.tfp)])
     out["candidates"] = (cols, rows)
     basis = [[c.spec, c.cost_basis, c.latency.get("note") or "", c.tokens_basis] for c in d.candidates]
     out["basis"] = (["candidate", "cost from", "latency from", "tokens from"], basis)
@@ -61,10 +60,10 @@ def tables(d: Decision) -> dict[str, tuple[list[str], list[list[str]]]]:
         c = next(x for x in d.candidates if x.spec == spec)
         econ_rows.append([spec, (c.train or {}).get("method") or "unknown",
                           "unknown" if not c.train or c.train.get("wall_s") is None else f"{c.train['wall_s'] / 60:.1f} min",
-                          _usd(e.get("training_cost_usd")), _count(e.get("break_even_monthly_requests")),
-                          _usd(e.get("api_usd_per_month")) if "api_usd_per_month" in e else "—",
-                          _usd(e.get("specialist_usd_per_month")) if "specialist_usd_per_month" in e else "—",
-                          _months(e.get("payback_months")) if "payback_months" in e else "—"])
+                          usd(e.get("training_cost_usd")), count(e.get("break_even_monthly_requests")),
+                          usd(e.get("api_usd_per_month")) if "api_usd_per_month" in e else "—",
+                          usd(e.get("specialist_usd_per_month")) if "specialist_usd_per_month" in e else "—",
+                          months(e.get("payback_months")) if "payback_months" in e else "—"])
     out["economics"] = (["specialist", "method", "training time", "training cost", "break-even requests/month",
                          "API per month", "specialist per month", "payback"], econ_rows)
     if d.curve:
@@ -82,11 +81,11 @@ def _projection_lines(d: Decision) -> list[str]:
     need = rows_to_reach(f, bar)
     lines = [f"Fit: error = {f['a']:.3g} x rows^-{f['b']:.3f} (exponent 95% CI {f['b_ci95'][0]:.3f} to "
              f"{f['b_ci95'][1]:.3f}).",
-             f"Projected {d.metric} at 2x the data ({_count(f['at_2x']['n'])} rows): {_ci(f['at_2x'])}; at 10x "
-             f"({_count(f['at_10x']['n'])} rows): {_ci(f['at_10x'])}.",
-             f"Rows to reach {_pct(bar)} (the reference's {_pct(ref)} less the {100 * d.inputs.tolerance:.0f}-point "
-             f"tolerance): {_count(need['rows'])} (95% CI {_count(need['ci95'][0])} to {_count(need['ci95'][1])}), "
-             f"i.e. {_count(need['more'])} more than now."]
+             f"Projected {d.metric} at 2x the data ({count(f['at_2x']['n'])} rows): {_ci(f['at_2x'])}; at 10x "
+             f"({count(f['at_10x']['n'])} rows): {_ci(f['at_10x'])}.",
+             f"Rows to reach {pct(bar)} (the reference's {pct(ref)} less the {100 * d.inputs.tolerance:.0f}-point "
+             f"tolerance): {count(need['rows'])} (95% CI {count(need['ci95'][0])} to {count(need['ci95'][1])}), "
+             f"i.e. {count(need['more'])} more than now."]
     return lines
 
 
@@ -95,7 +94,7 @@ def _header_lines(d: Decision) -> list[str]:
     return [f"Task `{d.task}`, dataset `{d.dataset}`, {d.test_rows:,} test rows; reference: `{d.reference}`; "
             f"primary metric: {d.metric}.",
             f"Inputs: hardware {i.hardware_usd_per_hour:g} USD/hour; monthly requests "
-            f"{_count(i.monthly_requests) if i.monthly_requests else 'not given'}; value per success "
+            f"{count(i.monthly_requests) if i.monthly_requests else 'not given'}; value per success "
             f"{'%g USD' % i.value_per_success if i.value_per_success is not None else 'not given'}; tolerance "
             f"{100 * i.tolerance:.0f} points; API prices as of {d.prices_as_of or 'unknown'}."]
 

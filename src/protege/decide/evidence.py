@@ -1,0 +1,204 @@
+"""What decide reads from the store for a task: the newest bench result of every candidate
+on a dataset (rescored on the test rows they all share), the training runs behind the
+specialists, the newest learning curve, and the traces (the model the app called, for its
+price, and live latencies). Every read of the store that decide makes is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import sqlalchemy as sa
+
+from ..bench.stats import bootstrap, paired
+from ..errors import ProtegeError
+from ..tasks.metrics import get_metric, map_labels
+from ..tasks.spec import Task
+from ..traces import schema
+from ..traces.store import Store
+from .curve_fit import fit_power_law
+from .economics import serving_cost, token_factor_productivity
+from .types import CandidateEvidence, Curve, Inputs
+
+# the order candidates are listed in, in every table of the report
+ROLE_ORDER = {"reference": 0, "specialist": 1, "baseline": 2, "base": 3}
+
+
+@dataclass
+class Evidence:
+    """The candidates compared for one decision, and what the comparison rests on."""
+
+    reference: str
+    metric: str
+    """The primary metric: the task's first, leaving out the judge."""
+    test_rows: int
+    """Test rows every candidate was benched on: the rows quality is compared on."""
+    candidates: list[CandidateEvidence]
+    """Reference first, then specialists, baselines and bases, each best first."""
+    prices_as_of: str | None
+    notes: list[str]
+
+
+def runs_of(store: Store, task: str, kind: str) -> list[dict]:
+    """The task's finished runs of `kind` (bench, train, curve), newest first, as row dicts."""
+    t = schema.runs
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(t).where(t.c.task == task, t.c.kind == kind, t.c.status == "done")
+                            .order_by(t.c.id.desc())).all()
+    return [dict(r._mapping) for r in rows]
+
+
+def gather(store: Store, task: Task, ds: dict, inputs: Inputs, *, prices=None,
+           home: Path | None = None) -> Evidence:
+    """Every candidate's newest bench on dataset `ds`, rescored on the shared test rows."""
+    from ..datasets.registry import manifest
+
+    # a learning curve's benches score its points, not candidates for this decision
+    benches = [r for r in runs_of(store, task.name, "bench")
+               if r["dataset_id"] == ds["id"] and (r["config"] or {}).get("tag") != "curve"]
+    if not benches:
+        raise ProtegeError(f"no bench runs for task {task.name} on dataset {ds['id']}: run `protege bench "
+                           f"{task.path or 'TASK_FILE'} -c REFERENCE -c CANDIDATE ...` first")
+    reference = benches[0]["config"]["reference"]
+    newest: dict[str, dict] = {}
+    for r in benches:  # newest first
+        newest.setdefault(r["config"]["candidate"], r)
+    if reference not in newest:
+        raise ProtegeError(f"the newest bench names {reference!r} as reference but has no result for it")
+    notes: list[str] = []
+    metric_names = [m for m in task.metric_names if m != "judge"]
+    metric = metric_names[0]
+    outputs = {spec: _outputs(run) for spec, run in newest.items()}
+    ref_out = outputs[reference]
+    # benches made at different times may cover different rows: compare row for row
+    common = [i for i in ref_out if all(i in o for o in outputs.values())]
+    if not common:
+        raise ProtegeError("the candidates' bench runs share no test rows; bench them together on the same rows")
+    if len(common) < len(ref_out):
+        notes.append(f"quality is compared on the {len(common):,} test rows every candidate was benched on "
+                     f"(the reference has {len(ref_out):,})")
+    refs = [ref_out[i]["reference"] for i in common]
+    metrics = {m: get_metric(m) for m in metric_names}
+    mapped = {spec: map_labels(task, [o[i]["output"] for i in common])[0] for spec, o in outputs.items()}
+
+    trains = {r["id"]: r for r in runs_of(store, task.name, "train")}
+    tokens_report = manifest(ds).get("tokens") or {}
+    model = _trace_model(store, task.name)
+    price = prices.lookup(model) if (prices is not None and model) else None
+    ref_tokens_out = _mean_tokens(refs, task, home)
+
+    candidates = []
+    for spec, run in newest.items():
+        m = run["metrics"]
+        role = _role(spec, reference)
+        quality = {name: bootstrap(metric_obj, mapped[spec], refs).as_dict() for name, metric_obj in metrics.items()}
+        pair = ({} if role == "reference" else
+                {name: paired(metric_obj, mapped[spec], mapped[reference], refs).as_dict()
+                 for name, metric_obj in metrics.items()})
+        cost, basis = serving_cost(m, inputs, price, tokens_report, ref_tokens_out, model)
+        tokens, tbasis = _tokens_per_request(m, tokens_report, ref_tokens_out)
+        train = _train_record(spec, trains, inputs) if role == "specialist" else None
+        candidates.append(CandidateEvidence(
+            spec=spec, kind=m.get("kind") or "unknown", role=role, bench_run=run["id"], quality=quality,
+            paired=pair, latency=_latency(m, store, task.name), throughput_rps=m.get("throughput_rps"),
+            cost_per_1m=cost, cost_basis=basis, tokens_per_request=tokens, tokens_basis=tbasis, train=train))
+    candidates.sort(key=lambda c: (ROLE_ORDER[c.role], -c.quality[metric]["value"]))
+    for c in candidates:
+        c.tfp = token_factor_productivity(c, metric, inputs)
+    return Evidence(reference=reference, metric=metric, test_rows=len(common), candidates=candidates,
+                    prices_as_of=price.as_of if price else None, notes=notes)
+
+
+def latest_curve(store: Store, task: str, dataset_id: str) -> Curve | None:
+    """The newest learning curve on the dataset, with its power-law fit."""
+    curves = [r for r in runs_of(store, task, "curve") if r["dataset_id"] == dataset_id]
+    if not curves:
+        return None
+    c = curves[0]
+    pts = sorted(c["metrics"]["points"], key=lambda p: p["train_rows"])
+    return Curve(run_id=c["id"], metric=c["metrics"]["metric"], points=pts, fit=fit_power_law(pts))
+
+
+def _outputs(run: dict) -> dict[str, dict]:
+    path = Path(run["outputs_path"] or "")
+    if not path.exists():
+        raise ProtegeError(f"bench run {run['id']} ({run['config'].get('candidate')}): its outputs file {path} is "
+                           "missing; run the bench again")
+    return {r["id"]: r for r in (orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip())}
+
+
+def _role(spec: str, reference: str) -> str:
+    if spec == reference:
+        return "reference"
+    if spec.startswith("run:"):
+        return "specialist"
+    if spec.startswith("hf:"):
+        return "base"
+    return "baseline"
+
+
+def _latency(m: dict, store: Store, task: str) -> dict:
+    latency = dict(m.get("latency_ms") or {})
+    # an API's bench latency may be missing (replayed traces); live-captured traces still time it
+    if latency.get("p50") is None and m.get("kind") in ("recorded", "api"):
+        latency = _trace_latency(store, task) or latency
+        if latency.get("p50") is None:
+            latency["note"] = "unknown (imported traces carry no latency)"
+    return latency
+
+
+def _tokens_per_request(m: dict, tokens_report: dict, ref_tokens_out: float | None) -> tuple[float | None, str]:
+    tin, tout = (m.get("tokens") or {}).get("in"), (m.get("tokens") or {}).get("out")
+    if tin is not None and tout is not None:
+        return tin + tout, "measured in the bench"
+    if m.get("kind") in ("recorded", "api") and tokens_report.get("original_prompt_tokens") and ref_tokens_out:
+        return (tokens_report["original_prompt_tokens"] + ref_tokens_out,
+                f"estimated with the {tokens_report.get('tokenizer')} tokenizer")
+    return None, "unknown (this candidate reports no token counts)"
+
+
+def _train_record(spec: str, trains: dict[str, dict], inputs: Inputs) -> dict | None:
+    """The training run behind `run:ID` (an id prefix is enough), costed at the hardware price."""
+    run_id = spec[4:]
+    tr = trains.get(run_id) or next((r for rid, r in trains.items() if rid.startswith(run_id)), None)
+    if tr is None:
+        return None
+    wall = tr["metrics"].get("wall_s")
+    return {"run_id": tr["id"], "method": tr["config"].get("method"), "base": tr["base_model"],
+            "wall_s": wall, "train_rows": tr["metrics"].get("train_rows"),
+            "cost_usd": wall / 3600 * inputs.hardware_usd_per_hour if wall is not None else None}
+
+
+def _trace_model(store: Store, task: str) -> str | None:
+    t = schema.traces
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(t.c.model, sa.func.count()).where(t.c.task == task, t.c.model.is_not(None))
+                           .group_by(t.c.model).order_by(sa.func.count().desc()).limit(1)).first()
+    return row[0] if row else None
+
+
+def _trace_latency(store: Store, task: str) -> dict | None:
+    t = schema.traces
+    with store.engine.connect() as conn:
+        values = [r[0] for r in conn.execute(sa.select(t.c.latency_ms).where(
+            t.c.task == task, t.c.latency_ms.is_not(None), t.c.status == "ok").limit(100_000))]
+    if not values:
+        return None
+    p50, p95 = np.percentile(values, [50, 95])
+    return {"p50": float(p50), "p95": float(p95), "n": len(values), "note": "from the captured traces"}
+
+
+def _mean_tokens(texts: list[str], task: Task, home) -> float | None:
+    """Mean token count of `texts` (up to 500) with the task's tokenizer; None without one."""
+    if task.tokenizer in ("none", "", None) or not texts:
+        return None
+    from transformers import AutoTokenizer
+
+    from ..models.local import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(task.tokenizer, home))
+    sample = texts[:500]
+    return sum(len(tok.encode(t, add_special_tokens=False)) for t in sample) / len(sample)
