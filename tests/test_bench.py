@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from protege.bench.run import run_bench
 from protege.datasets.registry import load_split
 from protege.errors import ProtegeError
-from protege.models.base import Context, build_candidate
+from protege.models.base import Context
+from protege.models.registry import build_candidate
 from protege.prices import load_prices
 from protege.tasks.spec import load_task
 from protege.testing import ScriptedUpstream

@@ -230,7 +230,8 @@ def test_serves_a_causal_lm_specialist(sqlite_store, tmp_path, home, tiny_llama)
 def test_int8_quantized_specialist_is_a_bench_candidate_and_serves(sqlite_store, tmp_path, home, trained):
     from protege.bench.run import run_bench
     from protege.errors import ProtegeError
-    from protege.models.base import Context, build_candidate
+    from protege.models.base import Context
+    from protege.models.registry import build_candidate
 
     task, ds, run_id = trained
     report = run_bench(sqlite_store, task, ds, home, [f"run:{run_id}", f"run:{run_id}?quantize=int8"],

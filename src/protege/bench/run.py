@@ -24,7 +24,8 @@ import orjson
 from ..datasets.registry import load_split
 from ..errors import ProtegeError
 from ..ids import uuid7
-from ..models.base import Context, Prediction, build_candidate
+from ..models.base import Context, Prediction
+from ..models.registry import build_candidate
 from ..tasks.metrics import Metric, get_metric, map_labels
 from ..tasks.spec import Task
 from ..jsonsafe import json_safe

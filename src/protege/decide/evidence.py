@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from ..bench.stats import bootstrap, paired
 from ..errors import ProtegeError
+from ..runs.registry import RunRecord, list_runs
 from ..tasks.metrics import get_metric, map_labels
 from ..tasks.spec import Task
 from ..traces import schema
@@ -42,13 +43,9 @@ class Evidence:
     notes: list[str]
 
 
-def runs_of(store: Store, task: str, kind: str) -> list[dict]:
-    """The task's finished runs of `kind` (bench, train, curve), newest first, as row dicts."""
-    t = schema.runs
-    with store.engine.connect() as conn:
-        rows = conn.execute(sa.select(t).where(t.c.task == task, t.c.kind == kind, t.c.status == "done")
-                            .order_by(t.c.id.desc())).all()
-    return [dict(r._mapping) for r in rows]
+def runs_of(store: Store, task: str, kind: str) -> list[RunRecord]:
+    """The task's finished runs of `kind` (bench, train, curve), newest first."""
+    return list_runs(store, task=task, kind=kind, status="done", limit=None)
 
 
 def gather(store: Store, task: Task, ds: dict, inputs: Inputs, *, prices=None,

@@ -1,15 +1,8 @@
-"""The Candidate protocol and the table of candidate backends.
+"""The Candidate protocol: what every backend implements, and what it is given.
 
-A candidate is anything that answers a task's inputs. It is addressed by a spec string,
-`SCHEME:REST[?key=value&...]`, and built by the factory registered for its scheme:
-
-    openai:MODEL@BASE_URL    any OpenAI-compatible endpoint (frontier API, vLLM, protege serve)
-    replay                   the outputs recorded in the traces (the frontier model as it was)
-    hf:ID_OR_PATH            a local causal LM (zero-/k-shot; constrained label decoding)
-    knn:minilm               embedding nearest neighbour over the train split
-    run:RUN_ID               a specialist trained by protege (`protege train`)
-
-Built-ins register through `register_candidate`, the same hook a plugin uses.
+A candidate is anything that answers a task's inputs (`predict`). It is addressed by a
+spec string, `SCHEME:REST[?key=value&...]`; models/registry.py maps schemes to the
+backends that build candidates. This module imports no backend.
 """
 
 from __future__ import annotations
@@ -63,15 +56,6 @@ class Candidate(Protocol):
     def close(self) -> None: ...
 
 
-Factory = Callable[[str, dict[str, str], Context], Candidate]
-_REGISTRY: dict[str, Factory] = {}
-
-
-def register_candidate(scheme: str, factory: Factory) -> None:
-    """Make `scheme:...` specs build candidates with `factory(rest, options, context)`."""
-    _REGISTRY[scheme] = factory
-
-
 def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     """`scheme:rest?k=v` -> (scheme, rest, options)."""
     head, _, query = spec.partition("?")
@@ -80,13 +64,10 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
 
 
 def build_candidate(spec: str, ctx: Context) -> Candidate:
-    _load_builtins()
-    scheme, rest, options = parse_spec(spec)
-    if scheme not in _REGISTRY:
-        known = sorted(k for k in _REGISTRY if not k.startswith("_"))
-        raise ProtegeError(f"unknown candidate {spec!r}: the scheme must be one of {', '.join(known)} "
-                           "(e.g. openai:gpt-4o-mini@https://api.openai.com/v1, replay, hf:smollm2-135m, knn:minilm, run:RUN_ID)")
-    return _REGISTRY[scheme](rest, options, ctx)
+    """Until train/ imports it from models.registry (issue 12): the registry's build_candidate."""
+    from .registry import build_candidate as build
+
+    return build(spec, ctx)
 
 
 def option(options: dict[str, str], key: str, default, cast=str, spec: str = ""):
@@ -96,14 +77,6 @@ def option(options: dict[str, str], key: str, default, cast=str, spec: str = "")
         return cast(options[key])
     except ValueError:
         raise ProtegeError(f"candidate {spec}: option {key}={options[key]!r} is not a valid {cast.__name__}") from None
-
-
-def _load_builtins() -> None:
-    if _REGISTRY.get("_loaded"):
-        return
-    from . import causal, knn, openai_api, replay, trained  # noqa: F401  (each registers itself)
-
-    _REGISTRY["_loaded"] = True  # type: ignore[assignment]
 
 
 def quantize_int8(model, spec: str = "model"):

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import ProtegeError
 from ..tasks.metrics import normalize_text
-from .base import Context, Prediction, option, register_candidate
+from .base import Context, Prediction, option
 from .prompting import specialist_messages
 
 SENTINEL = "\ue000"
@@ -459,4 +459,5 @@ def _parts(model):
     return parts[0], parts[1], cache_keyword(parts[0])
 
 
-register_candidate("hf", lambda rest, options, ctx: CausalLM(rest, options, ctx))
+def factory(rest: str, options: dict, ctx: Context) -> CausalLM:
+    return CausalLM(rest, options, ctx)

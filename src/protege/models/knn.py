@@ -15,7 +15,7 @@ from collections import Counter
 import numpy as np
 
 from ..errors import ProtegeError
-from .base import Context, Prediction, option, register_candidate
+from .base import Context, Prediction, option
 
 
 class Encoder:
@@ -105,4 +105,5 @@ class KNN:
         pass
 
 
-register_candidate("knn", lambda rest, options, ctx: KNN(rest or "minilm", options, ctx))
+def factory(rest: str, options: dict, ctx: Context) -> KNN:
+    return KNN(rest or "minilm", options, ctx)

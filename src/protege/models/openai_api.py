@@ -28,7 +28,7 @@ from ..traces import normalize
 from ..errors import ProtegeError
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import normalize_text
-from .base import Context, Prediction, option, register_candidate
+from .base import Context, Prediction, option
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -176,5 +176,3 @@ class OpenAICandidate:
         if self.cache:
             self.cache.close()
 
-
-register_candidate("openai", OpenAICandidate)

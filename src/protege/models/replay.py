@@ -6,7 +6,7 @@ When references are the recorded replies, replay scores 100% by definition.
 
 from __future__ import annotations
 
-from .base import Context, Prediction, register_candidate
+from .base import Context, Prediction
 
 
 class Replay:
@@ -34,4 +34,5 @@ class Replay:
         pass
 
 
-register_candidate("replay", lambda rest, options, ctx: Replay("replay", ctx))
+def factory(rest: str, options: dict, ctx: Context) -> Replay:
+    return Replay("replay", ctx)

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 
 from ..errors import ProtegeError
-from .base import Context, Prediction, option, register_candidate
+from .base import Context, Prediction, option
 
 
 class TrainedClassifier:
@@ -93,7 +93,8 @@ def specialist(folder: Path, meta: dict, run_id: str | None, options: dict, ctx:
     raise ProtegeError(f"run {run_id or folder}: method {method!r} cannot be benched or served yet")
 
 
-def _factory(rest: str, options: dict, ctx: Context):
+def factory(rest: str, options: dict, ctx: Context):
+    """`run:RUN_ID`: the finished training run's specialist."""
     from ..traces.store import Store
     from ..config import Settings
 
@@ -101,5 +102,3 @@ def _factory(rest: str, options: dict, ctx: Context):
     run, folder, meta = finished_run_model(store, rest)
     return specialist(folder, meta, run["id"], options, ctx)
 
-
-register_candidate("run", _factory)

@@ -28,7 +28,8 @@ def calibrate(store, task: Task, home: Path, run: str, *, target: float, fallbac
     from ..bench.run import sample_rows
     from ..tasks.metrics import map_labels
     from ..datasets.registry import get_dataset, load_split
-    from ..models.base import Context, build_candidate
+    from ..models.base import Context
+    from ..models.registry import build_candidate
 
     ds = get_dataset(store, dataset or task.name)
     rows = sample_rows(load_split(ds, "validation"), limit)
