@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-deps clean
+.PHONY: install demo test lint bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,7 +27,11 @@ install: $(STAMP) $(CHROMIUM)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/banking77/demo.sh
 
-test: $(STAMP) $(CHROMIUM)
+# style and import order (pyproject's [tool.ruff]); `make test` runs it first
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+
+test: $(STAMP) $(CHROMIUM) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench-deps: $(STAMP)

@@ -7,7 +7,8 @@ the benchmark, and runs `protege bench` (the same code) with: `knn:minilm` (Mini
 nearest neighbour over the train split), `hf:smollm2-135m` zero-shot with output
 constrained to the label set (beam search over the labels' tokens), the same model with
 free generation (`mode=generate`, at most 16 new tokens: no BANKING77 label is longer),
-and with every label scored (`mode=score`, a probability per label). Reports accuracy with 95% CIs, p50 latency at batch size 1, batched throughput,
+and with every label scored (`mode=score`, a probability per label). Reports accuracy with
+95% CIs, p50 latency at batch size 1, batched throughput,
 and checks the issue's targets for constrained output: always a valid label with a
 probability, no slower per request than free generation, at least as accurate.
 `--rows N` benches the first N test rows (the same rows for every candidate).
@@ -20,9 +21,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
-
 from _common import machine_info, table, write_result
+from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "banking77"

@@ -360,7 +360,7 @@ def train_tiny_specialist(tmp: Path, db: str) -> tuple[str, str]:
 
     from protege.datasets.build import build_dataset
     from protege.datasets.registry import get_dataset
-    from protege.models.local import minilm_path
+    from protege.models.hf import minilm_path
     from protege.tasks.spec import load_task
     from protege.traces.importers import ImportOptions, import_file
     from protege.traces.store import Store

@@ -19,9 +19,8 @@ import argparse
 import time
 from pathlib import Path
 
+from _common import machine_info, prepare, table, write_result
 from rich.console import Console
-
-from _common import prepare, machine_info, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "canard"
@@ -39,9 +38,9 @@ def main() -> None:
 
     from protege.bench.run import run_bench
     from protege.datasets.registry import load_split
+    from protege.runs.registry import get_run
     from protege.train.api import train
     from protege.train.recipe import load_recipe
-    from protege.train.runs import get_run
 
     store, task, ds, home = prepare(EX, "canard", args.home, "protege-grpo-")
     n_train = len(load_split(ds, "train"))

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import orjson
 import sqlalchemy as sa
+from _common import machine_info, table, write_result
 from rich.console import Console
 
-from _common import machine_info, table, write_result
 from protege.config import normalize_db_url
 from protege.prices import cached_prices
 from protege.traces.importers import ImportOptions, import_file

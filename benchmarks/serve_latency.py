@@ -17,7 +17,8 @@ measured on the test split beside it; the targets are checked on the fp32 server
 Without --*-run the script trains short runs first (a few minutes). The MiniLM's latency does
 not depend on how well it was trained; the SmolLM2 specialist's does (constrained decoding
 widens its search only for the rows where it is unsure), so pass --lora-run with a run
-trained as train_banking77.py trains it for figures that stand for a real specialist. Targets (issue 5): MiniLM p50 at concurrency 1 <= 15 ms;
+trained as train_banking77.py trains it for figures that stand for a real specialist.
+Targets (issue 5): MiniLM p50 at concurrency 1 <= 15 ms;
 throughput at concurrency 8 >= 2x the plain pipeline's. Writes
 benchmarks/results/serve_latency.json.
 """
@@ -34,9 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-
 from _common import machine_info, prepare, table, write_result
+from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "banking77"
@@ -152,9 +152,9 @@ def main() -> None:
     console = Console()
 
     from protege.datasets.registry import load_split
+    from protege.runs.registry import get_run
     from protege.train.api import train
     from protege.train.recipe import load_recipe
-    from protege.train.runs import get_run
 
     store, task, ds, home = prepare(EX, "banking77", args.home, "protege-serve-")
     texts = [r["input"] for r in load_split(ds, "test")[::7]]
@@ -238,7 +238,9 @@ def main() -> None:
                          "req/s", "ratio", "int8 p50 ms", "int8 ratio"], table_rows))
     for name, ok in checks.items():
         console.print(f"{'met ' if ok else 'MISSED'}  {name}")
-    console.print(f"wrote {write_result('serve_latency', {'benchmark': 'serve_latency', 'machine': info, 'results': results, 'checks': checks})}")
+    path = write_result("serve_latency", {"benchmark": "serve_latency", "machine": info, "results": results,
+                                          "checks": checks})
+    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

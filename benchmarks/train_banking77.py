@@ -21,9 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from _common import RESULTS, machine_info, prepare, table, write_result
 from rich.console import Console
-
-from _common import prepare, RESULTS, machine_info, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "banking77"
@@ -41,9 +40,9 @@ def main() -> None:
     console = Console()
 
     from protege.bench.run import run_bench
+    from protege.runs.registry import get_run
     from protege.train.api import train
     from protege.train.recipe import load_recipe
-    from protege.train.runs import get_run
 
     store, task, ds, home = prepare(EX, "banking77", args.home, "protege-train-")
     previous = RESULTS / "train_banking77.json"

@@ -26,9 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
+from _common import machine_info, prepare, table, write_result
 from rich.console import Console
-
-from _common import prepare, machine_info, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "banking77"
@@ -55,7 +54,7 @@ def main() -> None:
     from protege.datasets.registry import load_split
     from protege.models.base import Context
     from protege.models.causal import CausalLM
-    from protege.models.local import resolve
+    from protege.models.hf import resolve
     from protege.models.prompting import specialist_messages
     from protege.tasks.metrics import get_metric
     from protege.train.common import nested_subset
@@ -89,7 +88,7 @@ def main() -> None:
     folder.mkdir(parents=True)
     t0 = time.monotonic()
     job = sft_job(task, ds, home, "smollm2-135m", recipe, folder, "protege", method="lora", train_fraction=fraction)
-    job.evaluate = None
+    job.validates = False  # time the training alone, as the TRL run is timed
     load_s = time.monotonic() - t0
     t1 = time.monotonic()
     metrics = run_loop(store, "protege", folder, job, recipe, console=console)

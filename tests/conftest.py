@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
+from helpers import ServerThread
 
 from protege.testing import ScriptedUpstream
-from helpers import ServerThread
 
 PG_URL = os.environ.get("PROTEGE_TEST_DATABASE_URL")
 
@@ -139,3 +139,36 @@ def make_proxy(tmp_path):
         writer.close()
         if writer.store is not None:
             writer.store.close()
+
+
+@pytest.fixture
+def tiny_bert(tmp_path):
+    """A 1-layer, 32-wide BERT with MiniLM's tokenizer: the real architecture, random weights."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from protege.models.hf import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    path = tmp_path / "tiny-bert"
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """A 1-layer, 32-wide Llama (SmolLM2's architecture) with SmolLM2's tokenizer, random weights."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from protege.models.hf import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m", tmp_path))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    path = tmp_path / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -20,7 +20,6 @@ from protege.datasets.registry import get_dataset
 from protege.tasks.spec import load_task
 from protege.traces.importers import ImportOptions, import_file
 
-
 # -- the command line ---------------------------------------------------------------------
 
 def run(capsys, *args) -> tuple[int, str, str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers import LABELS, make_banking, run
 
 from protege.bench.run import run_bench
 from protege.datasets.registry import load_split
@@ -18,8 +19,6 @@ from protege.prices import load_prices
 from protege.tasks.spec import load_task
 from protege.testing import ScriptedUpstream
 from protege.traces import schema
-from helpers import LABELS, make_banking, run
-
 
 
 @pytest.fixture

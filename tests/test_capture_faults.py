@@ -19,11 +19,11 @@ import aiohttp
 import httpx
 import orjson
 import pytest
+from helpers import CHAT, free_port, run, stored, wait_for
 
 from protege.capture.writer import TraceWriter
 from protege.traces.record import TraceRecord
 from protege.traces.store import Store
-from helpers import CHAT, free_port, run, stored, wait_for
 
 
 def chat(text: str, **more) -> dict:

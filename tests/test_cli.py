@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port, run, write_jsonl
 
 from protege.traces.store import Store
-from helpers import free_port, run, write_jsonl
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "banking77"
 

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import run
 
 from protege.datasets.build import build_dataset
 from protege.datasets.pii import redact
@@ -14,7 +15,6 @@ from protege.datasets.registry import get_dataset, list_datasets, load_split
 from protege.errors import ProtegeError
 from protege.tasks.spec import load_task
 from protege.traces.record import TraceRecord
-from helpers import run
 
 INTENTS = ["card_lost", "refund", "balance"]
 PHRASES = {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from helpers import make_banking, run
 
 from protege.datasets.registry import load_split
 from protege.decide.analysis import Inputs, decide
@@ -19,7 +20,6 @@ from protege.decide.curve_fit import fit_power_law, rows_to_reach
 from protege.decide.report import markdown
 from protege.ids import uuid7
 from protege.traces import schema
-from helpers import make_banking, run
 
 
 def plant_bench(store, home, task, ds, spec, *, correct: int, kind: str, reference: str = "replay",

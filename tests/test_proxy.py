@@ -10,6 +10,7 @@ import orjson
 import pytest
 from helpers import CHAT, free_port, stored, wait_for
 
+
 def test_non_streaming_passthrough_is_byte_for_byte(upstream, make_proxy, store, db_url):
     server, app = make_proxy(upstream.url, db_url)
     r = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT,

@@ -8,10 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from helpers import ServerThread, free_port, make_banking, run
 
 from protege.testing import ScriptedUpstream
-from test_train import tiny_bert, tiny_llama  # noqa: F401  (fixtures)
-from helpers import ServerThread, free_port, make_banking, run
 
 KEY = "sk-serve-test"
 

@@ -3,16 +3,15 @@ spool exactly once when the store returns."""
 
 from __future__ import annotations
 
-
 import httpx
 import orjson
 import pytest
+from helpers import CHAT, wait_for
 
 from protege.capture.writer import TraceWriter
-from protege.traces.record import TraceRecord
 from protege.testing import TcpRelay
+from protege.traces.record import TraceRecord
 from protege.traces.store import Store
-from helpers import CHAT, wait_for
 
 
 @pytest.mark.postgres

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import sqlalchemy as sa
 
-import pytest
-
-from protege.traces.normalize import assemble_sse, usage
 from protege.config import Settings, normalize_db_url, redact_url
 from protege.errors import ConfigError, NotFoundError, StoreError
 from protege.ids import uuid7
 from protege.prices import load_prices
+from protege.traces.normalize import assemble_sse, usage
 from protege.traces.record import TraceRecord
 from protege.traces.store import HEAD_REVISION, Store
 
@@ -125,8 +124,8 @@ def test_id_prefixes_match_literally(store):
 def test_run_prefixes_match_literally(store):
     from datetime import datetime, timezone
 
+    from protege.runs.registry import get_run
     from protege.traces import schema
-    from protege.train.runs import get_run
 
     ids = [uuid7(), uuid7()]
     with store.engine.begin() as conn:

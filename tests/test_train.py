@@ -7,34 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import LABELS, make_banking, run
 
 from protege.errors import ProtegeError
+from protege.runs.registry import get_run
 from protege.train.recipe import RecipeError, load_recipe
-from protege.train.runs import get_run
-from test_bench import LABELS, make_banking
 
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture
-def tiny_bert(tmp_path):
-    """A 1-layer, 32-wide BERT with MiniLM's tokenizer: the real architecture, random weights."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from protege.models.local import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    path = tmp_path / "tiny-bert"
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 
 def test_tiny_classifier_writes_model_card_metrics_and_tensorboard(sqlite_store, tmp_path, home, tiny_bert, capsys):
-    from test_cli import run
 
     task, ds = make_banking(sqlite_store, tmp_path, home)
     code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_bert,
@@ -101,34 +84,45 @@ def test_recipe_files_and_errors(tmp_path):
         load_recipe("dpo")
 
 
+def test_recipe_for_another_method_names_both(sqlite_store, tmp_path, home, capsys):
+
+    lora = ROOT / "recipes" / "lora.yaml"
+    with pytest.raises(RecipeError) as info:
+        load_recipe("classifier", lora)
+    assert str(info.value) == f"{lora}: this recipe is for method 'lora', not 'classifier'"
+    task, _ = make_banking(sqlite_store, tmp_path, home)
+    code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", "minilm",
+                       "--method", "classifier", "--config", str(lora))
+    assert code == 1 and "this recipe is for method 'lora', not 'classifier'" in " ".join(err.split())
+
+
+def test_resume_refuses_changed_flags_naming_each(sqlite_store, tmp_path, home, tiny_bert, capsys):
+
+    task, _ = make_banking(sqlite_store, tmp_path, home)
+    code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_bert,
+                         "--method", "classifier", "--set", "epochs=1", "--set", "batch_size=16")
+    assert code == 0, err
+    run_id = out.split("run ")[1].split()[0]
+    code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--resume", run_id,
+                       "--method", "lora")
+    assert code == 1 and ("--method 'lora' differs from the run's 'classifier'; --resume continues the run as it "
+                          "was started (leave --method out)") in " ".join(err.split())
+    code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--resume", run_id,
+                       "--base", "minilm")
+    assert code == 1 and "--base 'minilm' differs from the run's" in " ".join(err.split())
+    assert "(leave --base out)" in " ".join(err.split())
+
+
 def test_missing_base_model_names_the_path(sqlite_store, tmp_path, home, capsys):
-    from test_cli import run
 
     task, _ = make_banking(sqlite_store, tmp_path, home)
     code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", str(tmp_path / "nope"),
                        "--method", "classifier")
     assert code == 1 and f"model path {tmp_path / 'nope'} does not exist" in " ".join(err.split())
     with pytest.raises(ProtegeError, match="not a Hugging Face model folder"):
-        from protege.models.local import resolve
+        from protege.models.hf import resolve
 
         resolve(str(tmp_path), home)
-
-
-@pytest.fixture
-def tiny_llama(tmp_path):
-    """A 1-layer, 32-wide Llama (SmolLM2's architecture) with SmolLM2's tokenizer, random weights."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from protege.models.local import resolve
-
-    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m", tmp_path))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-    path = tmp_path / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -136,7 +130,6 @@ def test_tiny_sft_writes_merged_model_adapter_and_benches(sqlite_store, tmp_path
     from transformers import AutoModelForCausalLM
 
     from protege.bench.run import run_bench
-    from test_cli import run
 
     task, ds = make_banking(sqlite_store, tmp_path, home)
     code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_llama,
@@ -161,7 +154,7 @@ def test_tiny_sft_writes_merged_model_adapter_and_benches(sqlite_store, tmp_path
 def test_sft_encode_masks_the_prompt(tmp_path, home):
     from transformers import AutoTokenizer
 
-    from protege.models.local import resolve
+    from protege.models.hf import resolve
     from protege.tasks.spec import load_task
     from protege.train.sft import IGNORE, encode
 
@@ -188,7 +181,6 @@ def test_smollm2_lora_learns_on_a_slice(sqlite_store, tmp_path, home):
 
 
 def test_learning_curve_trains_nested_subsets(sqlite_store, tmp_path, home, tiny_bert, capsys):
-    from test_cli import run
 
     from protege.train.common import nested_subset
 
@@ -255,7 +247,6 @@ def test_resume_after_kill_ends_with_the_same_weights(sqlite_store, tmp_path, ho
     import sys
 
     from protege.train.api import train
-    from test_cli import run
 
     task, ds = make_banking(sqlite_store, tmp_path, home)
     # dropout stays on (0.1): the resumed run must restore the RNG, not only the weights
@@ -264,7 +255,7 @@ def test_resume_after_kill_ends_with_the_same_weights(sqlite_store, tmp_path, ho
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, sqlite_store.url, str(task.path), tiny_bert, str(home),
                            "17", *overrides], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    from protege.train.runs import list_runs
+    from protege.runs.registry import list_runs
 
     killed = next(r for r in list_runs(sqlite_store, kind="train") if r["id"] != full)
     assert killed["status"] == "running"  # nothing got to say otherwise
@@ -286,8 +277,7 @@ def test_resume_after_kill_ends_with_the_same_weights(sqlite_store, tmp_path, ho
 
 def _one_then_two_processes(store, capsys, args: list[str]) -> tuple[dict, dict]:
     """The finished runs of `protege ARGS` in one process, then with --nproc 2."""
-    from protege.train.runs import list_runs
-    from test_cli import run
+    from protege.runs.registry import list_runs
 
     code, out, err = run(capsys, *args)
     assert code == 0, err
@@ -302,7 +292,7 @@ def _one_then_two_processes(store, capsys, args: list[str]) -> tuple[dict, dict]
 def test_two_processes_match_one(sqlite_store, tmp_path, home, capsys):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from protege.models.local import minilm_path
+    from protege.models.hf import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -371,8 +361,7 @@ def _kill_and_resume_sharded(store, tmp_path, task, base, home, args, uninterrup
     import subprocess
     import sys
 
-    from protege.train.runs import list_runs
-    from test_cli import run
+    from protege.runs.registry import list_runs
 
     script = tmp_path / "fsdp_kill.py"
     script.write_text(FSDP_KILL_SCRIPT)
@@ -403,7 +392,6 @@ def test_fsdp_is_refused_where_it_cannot_run(tmp_path):
 def test_distill_relabels_with_the_teacher_then_trains(sqlite_store, tmp_path, home, tiny_llama, capsys):
     from protege.datasets.registry import load_split, manifest
     from protege.testing import ScriptedUpstream
-    from test_cli import run
 
     task, ds = make_banking(sqlite_store, tmp_path, home)
     # the teacher answers every train input with one label: easy to tell its labels from the gold ones
@@ -443,7 +431,6 @@ def test_distill_relabels_with_the_teacher_then_trains(sqlite_store, tmp_path, h
 def test_grpo_on_top_of_sft_logs_rewards_and_benches(sqlite_store, tmp_path, home, tiny_llama, capsys):
     from protege.bench.run import run_bench
     from protege.train.grpo import reward_function
-    from test_cli import run
 
     task, ds = make_banking(sqlite_store, tmp_path, home)
     code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_llama,
@@ -511,7 +498,6 @@ def test_bf16_precision_trains_in_bf16_and_saves_fp32(sqlite_store, tmp_path, ho
     from safetensors import safe_open
 
     from protege.train.common import native_bf16, resolve_precision
-    from test_cli import run
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
@@ -534,3 +520,76 @@ def test_bf16_precision_trains_in_bf16_and_saves_fp32(sqlite_store, tmp_path, ho
     assert 0 < max(diffs) < 0.05
     with pytest.raises(RecipeError, match="--set precision: Input should be 'fp32', 'bf16' or 'auto'"):
         load_recipe("lora", overrides=["precision=fp16"])
+
+
+class _LineJob:
+    """The least a training method writes: a 2-weight linear fit through the `Job` protocol."""
+
+    unit = "ex"
+
+    def __init__(self, folder: Path):
+        import torch
+
+        torch.manual_seed(0)
+        self.folder, self.model = folder, torch.nn.Linear(2, 1)
+        self.x = torch.randn(12, 2)
+        self.y = self.x @ torch.tensor([[1.0], [-2.0]])
+        job = self
+
+        class Loss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = job.model
+
+            def forward(self, idx, weight):
+                return ((self.model(job.x[idx]) - job.y[idx]) ** 2).sum() * weight
+
+        self.loss, self.lengths, self.metrics, self.validates = Loss(), [1] * 12, {"train_rows": 12}, False
+        self.exported: list[dict] = []
+
+    def count(self, idx):
+        return len(idx)
+
+    def work(self, idx):
+        return len(idx)
+
+    def param_groups(self):
+        return [{"params": list(self.model.parameters()), "lr": 0.1}]
+
+    def evaluate(self):
+        raise AssertionError("no validation split: the loop must not evaluate")
+
+    def stats(self):
+        return {}
+
+    def export(self, metrics):
+        self.exported.append(metrics)
+        return self.folder
+
+
+def test_any_class_with_the_job_protocol_trains(tmp_path):
+    """The loop needs nothing from a method but the protocol's members; each built-in method
+    implements them, and only the causal-LM SFT job can be sharded."""
+    from protege.train.classifier import ClassifierJob
+    from protege.train.grpo import GRPOJob
+    from protege.train.job import Job, ShardableJob
+    from protege.train.loop import run_loop
+    from protege.train.recipe import load_recipe
+    from protege.train.sft import SFTJob
+
+    methods = [m for m in dir(ShardableJob) if not m.startswith("_") and callable(getattr(ShardableJob, m))]
+    assert set(methods) == {"count", "work", "param_groups", "evaluate", "stats", "export", "rebuild"}
+    for cls in (ClassifierJob, SFTJob, GRPOJob):
+        assert all(callable(getattr(cls, m, None)) for m in methods if m != "rebuild"), cls
+    assert [callable(getattr(cls, "rebuild", None)) for cls in (ClassifierJob, SFTJob, GRPOJob)] == \
+        [False, True, False]
+    job = _LineJob(tmp_path)
+    assert isinstance(job, Job) and not isinstance(job, ShardableJob)
+    error = lambda: float(((job.model(job.x) - job.y) ** 2).mean().detach())  # noqa: E731
+    before = error()
+    recipe = load_recipe("classifier", overrides=["epochs=20", "batch_size=4", "warmup_fraction=0"])
+    metrics = run_loop(None, "line", tmp_path, job, recipe)
+    assert metrics["steps"] == 60 and metrics["best_step"] == 60 and metrics["best_val_score"] is None
+    assert metrics["history"] == [] and metrics["train_rows"] == 12 and job.exported == [metrics]
+    assert error() < before / 10  # it learned
+    assert not (tmp_path / "checkpoint").exists()

@@ -24,15 +24,16 @@ import orjson
 from ..datasets.registry import load_split
 from ..errors import ProtegeError
 from ..ids import uuid7
+from ..jsonsafe import json_safe
 from ..models.base import Context, Prediction
 from ..models.registry import build_candidate
-from ..tasks.metrics import Metric, get_metric, map_labels
-from ..tasks.spec import Task
-from ..jsonsafe import json_safe
 from ..prices import DEFAULT_HARDWARE_USD_PER_HOUR
 from ..runs.registry import create_run
+from ..tasks.metrics import Metric, get_metric, map_labels
+from ..tasks.spec import Task
 from ..traces.store import Store
 from .stats import bootstrap, paired, quantiles
+
 
 @dataclass
 class CandidateResult:

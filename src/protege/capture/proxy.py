@@ -21,11 +21,11 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import orjson
 
+from ..asgi import run_asgi
 from ..config import redact_text, redact_url, url_secrets
 from ..prices import PriceTable
 from ..traces import normalize
 from .raw import ProxyCapture
-from ..asgi import run_asgi
 from .writer import TraceWriter
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",

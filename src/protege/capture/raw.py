@@ -19,8 +19,8 @@ import orjson
 
 from ..ids import uuid7
 from ..prices import PriceTable
-from ..traces.record import TraceRecord
 from ..traces import normalize
+from ..traces.record import TraceRecord
 
 _LEN = struct.Struct("<I")
 _BYTES_FIELDS = ("request_body", "response_body")

@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..config import Settings
-from ..traces.record import TraceRecord
 from ..traces import normalize
+from ..traces.record import TraceRecord
 from .writer import TraceWriter
 
 _writers: dict[tuple[str, str], TraceWriter] = {}

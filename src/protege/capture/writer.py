@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
-
 
 from ..traces.clean import clean
 from ..traces.record import TraceRecord

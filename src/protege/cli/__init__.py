@@ -16,10 +16,10 @@ from rich.table import Table
 from ..config import Settings
 from ..errors import ProtegeError
 from .bench import bench_cmd
-from .decide import decide_cmd
-from .serve import route_app, serve_cmd
 from .common import console, err, exit_on_lost_traces, print_json, settings
 from .dataset import dataset_app
+from .decide import decide_cmd
+from .serve import route_app, serve_cmd
 from .traces import traces_app
 from .train import curve_cmd, runs_app, train_cmd
 

@@ -19,12 +19,15 @@ def bench_cmd(
     task_file: Path = typer.Argument(..., help="The task's YAML file."),
     candidate: list[str] = typer.Option(..., "--candidate", "-c",
                                         help="Candidate spec; repeat: openai:MODEL@URL, replay, hf:ID, knn:minilm, run:ID"),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Candidate the others are tested against (default: the first)."),
+    reference: Optional[str] = typer.Option(None, "--reference",
+                                            help="Candidate the others are tested against (default: the first)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest dataset)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=MAX_ROWS, help="A fixed random sample of N test rows (the same rows for every candidate and run)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=MAX_ROWS,
+                                        help="A fixed random sample of N test rows (the same rows for every candidate and run)."),
     latency_samples: int = typer.Option(30, "--latency-samples", min=1, help="Requests timed one by one for local models."),
     hardware_usd_per_hour: float = typer.Option(DEFAULT_HARDWARE_USD_PER_HOUR, "--hardware-usd-per-hour", min=0,
-                                                help="Price of the machine a local model runs on (default: an assumed 2-vCPU cloud VM)."),
+                                                help="Price of the machine a local model runs on "
+                                                "(default: an assumed 2-vCPU cloud VM)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full report to this JSON file."),
 ):
     """Score every candidate on exactly the same frozen test rows: quality with CIs, latency, cost."""

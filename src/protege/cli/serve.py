@@ -22,7 +22,8 @@ def serve_cmd(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
     fallback: Optional[str] = typer.Option(None, "--fallback", help="openai:MODEL@BASE_URL answering low-confidence requests."),
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0, max=1,
-                                              help="Below this confidence the fallback answers (protege route calibrate picks it)."),
+                                              help="Below this confidence the fallback answers "
+                                              "(protege route calibrate picks it)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PROTEGE_SERVE_API_KEY",
                                           help="Require Authorization: Bearer KEY."),
     task_file: Optional[Path] = typer.Option(None, "--task", help="The task file (default: the one the run recorded)."),

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from .common import MAX_ROWS, console, err, fmt, open_store, print_json, settings
 
-
 traces_app = typer.Typer(help="Inspect, import and export captured traces.", no_args_is_help=True)
 
 

@@ -42,14 +42,14 @@ def train_cmd(
     store = open_store(ctx)
     s = settings(ctx)
     if resume_id:
+        from ..runs.registry import get_run
         from ..train.api import resume
-        from ..train.runs import get_run
 
         cfg = get_run(store, resume_id)["config"]
         for flag, given, recorded in (("--base", base, cfg["base"]), ("--method", method, cfg["method"])):
             if given is not None and given != recorded:
                 raise ProtegeError(f"{flag} {given!r} differs from the run's {recorded!r}; --resume continues the "
-                                   "run as it was started (leave {flag} out)")
+                                   f"run as it was started (leave {flag} out)")
         if config or set_ or dataset or time_budget:
             raise ProtegeError("--resume continues the run with its recorded recipe, dataset and budget; "
                                "drop --config/--set/--dataset/--time-budget")
@@ -70,7 +70,7 @@ def train_cmd(
 
     if int(os.environ.get("RANK", "0")):
         return  # a torchrun worker other than rank 0: rank 0 reports
-    from ..train.runs import get_run
+    from ..runs.registry import get_run
 
     run = get_run(store, run_id)
     m = run["metrics"]
@@ -88,7 +88,8 @@ def curve_cmd(
     fractions: str = typer.Option("0.1,0.25,0.5,1.0", "--fractions", help="Shares of the train split, nested."),
     config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (see recipes/)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key (repeatable)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=MAX_ROWS, help="Score on a fixed random sample of N test rows."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, max=MAX_ROWS,
+                                        help="Score on a fixed random sample of N test rows."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the task's newest)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
@@ -130,7 +131,7 @@ def runs_list(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Runs, newest first."""
-    from ..train.runs import list_runs
+    from ..runs.registry import list_runs
 
     rows = list_runs(open_store(ctx), task=task, kind=kind)
     if as_json:
@@ -152,7 +153,7 @@ def runs_show(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """One run: its full config (recipe, base, dataset hash, seed, versions, hardware) and metrics."""
-    from ..train.runs import get_run
+    from ..runs.registry import get_run
 
     run = get_run(open_store(ctx), run_id, kind=None)
     if as_json:

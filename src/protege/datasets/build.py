@@ -38,7 +38,6 @@ from ..traces.store import Store
 from . import dedupe, pii
 from .registry import SPLITS
 
-
 STALE_AFTER_S = 24 * 3600
 """A build folder this old whose builder cannot be checked (another machine, older naming) is stale."""
 _BUILD_DIR = re.compile(r"\.build-(?P<pid>\d+)-(?P<host>.+)-[^-]+")
@@ -188,7 +187,7 @@ def _token_report(task: Task, rows: list[dict], home: Path) -> dict[str, Any] | 
         return None
     from transformers import AutoTokenizer
 
-    from ..models.local import resolve
+    from ..models.hf import resolve
     from ..models.prompting import specialist_messages
 
     tok = AutoTokenizer.from_pretrained(resolve(task.tokenizer, home))

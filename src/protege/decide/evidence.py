@@ -194,7 +194,7 @@ def _mean_tokens(texts: list[str], task: Task, home) -> float | None:
         return None
     from transformers import AutoTokenizer
 
-    from ..models.local import resolve
+    from ..models.hf import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve(task.tokenizer, home))
     sample = texts[:500]

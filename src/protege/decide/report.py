@@ -147,8 +147,10 @@ STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .verdict{font-size:1.8em;font-weight:700;padding:.4em .8em;border-radius:8px;display:inline-block}
-.TRAIN{background:#e3f6e3;color:#1a6b1a}.NOT-YET{background:#fff4d6;color:#8a5a00}.DONT-TRAIN{background:#fde4e4;color:#a11}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+.TRAIN{background:#e3f6e3;color:#1a6b1a}.NOT-YET{background:#fff4d6;color:#8a5a00}
+.DONT-TRAIN{background:#fde4e4;color:#a11}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f6f6f6}.charts{display:grid;grid-template-columns:1fr 1fr;gap:1em}
 .chart{width:100%;height:auto;background:#fff;border:1px solid #eee}
 .chart text{font-size:11px;fill:#333}.chart .t{font-size:13px;font-weight:600}.chart .lbl{font-size:11px}

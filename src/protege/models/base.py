@@ -63,13 +63,6 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return scheme, rest, dict(parse_qsl(query, keep_blank_values=True))
 
 
-def build_candidate(spec: str, ctx: Context) -> Candidate:
-    """Until train/ imports it from models.registry (issue 12): the registry's build_candidate."""
-    from .registry import build_candidate as build
-
-    return build(spec, ctx)
-
-
 def option(options: dict[str, str], key: str, default, cast=str, spec: str = ""):
     if key not in options:
         return default
@@ -77,19 +70,3 @@ def option(options: dict[str, str], key: str, default, cast=str, spec: str = "")
         return cast(options[key])
     except ValueError:
         raise ProtegeError(f"candidate {spec}: option {key}={options[key]!r} is not a valid {cast.__name__}") from None
-
-
-def quantize_int8(model, spec: str = "model"):
-    """Dynamic int8 quantization of the Linear layers (weights int8, activations quantized on
-    the fly): about 2-3x faster on CPU for small encoders and LMs, at a small quality cost,
-    which the bench measures like any other candidate (`run:ID?quantize=int8`)."""
-    import warnings
-
-    import torch
-
-    if next(model.parameters()).device.type != "cpu":
-        raise ProtegeError(f"{spec}: quantize=int8 is for CPU serving; on a GPU serve the model as it is")
-    with warnings.catch_warnings():
-        # torch marks the eager-mode API deprecated in favour of torchao; it still works and needs no extra package
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -33,6 +33,7 @@ from typing import Any
 from ..errors import ProtegeError
 from ..tasks.metrics import normalize_text
 from .base import Context, Prediction, option
+from .hf import cache_keyword, causal_parts, eos_ids, run_decoder
 from .prompting import specialist_messages
 
 SENTINEL = "\ue000"
@@ -65,24 +66,6 @@ class _Trie:
             self.path[label] = path
 
 
-def eos_ids(model, tokenizer, spec: str = "model") -> list[int]:
-    """Every token that ends a chat reply for this model (end-of-turn markers, then EOS)."""
-    ids = []
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
-            ids.append(tid)
-    eos = model.generation_config.eos_token_id if model.generation_config else None
-    for e in (eos if isinstance(eos, list) else [eos]):
-        if e is not None and e not in ids:
-            ids.append(e)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ProtegeError(f"candidate {spec}: the tokenizer names no end-of-sequence token")
-    return ids
-
-
 class CausalLM:
     kind = "local"
 
@@ -93,7 +76,7 @@ class CausalLM:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .local import resolve
+        from .hf import resolve
 
         self.spec = spec or f"hf:{name}"
         self.ctx = ctx
@@ -128,7 +111,7 @@ class CausalLM:
         if quantize not in ("none", "int8"):
             raise ProtegeError(f"candidate {self.spec}: quantize must be none or int8")
         if quantize == "int8":
-            from .base import quantize_int8
+            from .hf import quantize_int8
 
             self.model = quantize_int8(self.model, self.spec)
         self.device = next(self.model.parameters()).device
@@ -425,30 +408,6 @@ class CausalLM:
 
     def close(self):
         self._prefix_cache = None
-
-
-def causal_parts(model):
-    """(decoder, LM head) of a causal LM, PEFT-wrapped or not; None when it has no such split."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        decoder, head = inner.get_decoder(), inner.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return None if decoder is None or head is None else (decoder, head)
-
-
-def cache_keyword(decoder) -> str:
-    """The decoder's key/value cache argument: transformers 5.x names it `cache`, 4.x `past_key_values`."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def run_decoder(decoder, kw: str, ids, mask, pos, cache):
-    """(last hidden states, the cache extended by `ids`) of one decoder call after `cache`."""
-    out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
-    new = getattr(out, "cache", None)
-    return out.last_hidden_state, out.past_key_values if new is None else new
 
 
 def _parts(model):

@@ -25,7 +25,7 @@ class Encoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from .local import resolve
+        from .hf import resolve
 
         path = resolve(name, ctx.home)
         self.name = name

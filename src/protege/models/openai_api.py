@@ -24,10 +24,10 @@ from pathlib import Path
 
 import orjson
 
-from ..traces import normalize
 from ..errors import ProtegeError
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import normalize_text
+from ..traces import normalize
 from .base import Context, Prediction, option
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}

@@ -30,7 +30,7 @@ class TrainedClassifier:
         if quantize not in ("none", "int8"):
             raise ProtegeError(f"{self.spec}: quantize must be none or int8")
         if quantize == "int8":
-            from .base import quantize_int8
+            from .hf import quantize_int8
 
             self.model = quantize_int8(self.model, self.spec)
             self.spec += "?quantize=int8"
@@ -95,8 +95,8 @@ def specialist(folder: Path, meta: dict, run_id: str | None, options: dict, ctx:
 
 def factory(rest: str, options: dict, ctx: Context):
     """`run:RUN_ID`: the finished training run's specialist."""
-    from ..traces.store import Store
     from ..config import Settings
+    from ..traces.store import Store
 
     store = Store(Settings.resolve(home=ctx.home).database_url) if ctx.store is None else ctx.store
     run, folder, meta = finished_run_model(store, rest)

@@ -27,9 +27,9 @@ import time
 
 import orjson
 
-from ..traces import normalize
 from ..capture.writer import TraceWriter
 from ..ids import uuid7
+from ..traces import normalize
 from ..traces.record import TraceRecord
 from .batcher import Batcher
 from .fallback import Fallback, fallback_answer

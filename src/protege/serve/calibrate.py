@@ -26,10 +26,10 @@ from ..tasks.spec import Task
 def calibrate(store, task: Task, home: Path, run: str, *, target: float, fallback_quality: float = 1.0,
               dataset: str | None = None, limit: int | None = None) -> dict:
     from ..bench.run import sample_rows
-    from ..tasks.metrics import map_labels
     from ..datasets.registry import get_dataset, load_split
     from ..models.base import Context
     from ..models.registry import build_candidate
+    from ..tasks.metrics import map_labels
 
     ds = get_dataset(store, dataset or task.name)
     rows = sample_rows(load_split(ds, "validation"), limit)

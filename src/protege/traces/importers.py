@@ -37,11 +37,10 @@ from typing import Any, Callable, Iterator
 import orjson
 import sqlalchemy as sa
 
-from . import normalize
 from ..config import redact_url
 from ..errors import InputError, ProtegeError, StoreError
 from ..prices import PriceTable
-from . import clean
+from . import clean, normalize
 from .record import SOURCES, STATUSES, TraceRecord, parse_time
 from .store import Store, is_connection_error
 

@@ -17,30 +17,33 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ProtegeError
+from ..runs.registry import get_run, update_run
 from ..tasks.spec import Task
 from ..traces.store import Store
-from .loop import Dist, run_loop
-from .runs import get_run, start_training_run, update_run
-
+from .distributed import Dist
+from .job import Job
+from .loop import run_loop
+from .runs import start_training_run
 
 
 def build_job(store: Store, task: Task, dataset: dict, home: Path, base: str, method: str, recipe, folder: Path,
-              run_id: str, train_fraction: float | None):
+              run_id: str, train_fraction: float | None) -> Job:
+    """The `Job` of `method`; each method's module is imported only when it runs (torch, transformers)."""
     if base.startswith("run:"):  # start from a finished run's model (e.g. GRPO on top of SFT)
         base = get_run(store, base[4:])["checkpoint_path"]
     if method == "classifier":
-        from .classifier import classifier_job
+        from .classifier import ClassifierJob
 
-        return classifier_job(task, dataset, home, base, recipe, folder, run_id, train_fraction=train_fraction)
+        return ClassifierJob(task, dataset, home, base, recipe, folder, run_id, train_fraction=train_fraction)
     if method in ("lora", "full", "distill"):
-        from .sft import sft_job
+        from .sft import SFTJob
 
-        return sft_job(task, dataset, home, base, recipe, folder, run_id, train_fraction=train_fraction,
-                       method="full" if method == "full" else "lora", card_method=method)
+        return SFTJob(task, dataset, home, base, recipe, folder, run_id, train_fraction=train_fraction,
+                      method="full" if method == "full" else "lora", card_method=method)
     if method == "grpo":
-        from .grpo import grpo_job
+        from .grpo import GRPOJob
 
-        return grpo_job(task, dataset, home, base, recipe, folder, run_id, train_fraction=train_fraction)
+        return GRPOJob(task, dataset, home, base, recipe, folder, run_id, train_fraction=train_fraction)
     from .recipe import RECIPES
 
     raise ProtegeError(f"unknown method {method!r}; choose one of: {', '.join(RECIPES)}")
@@ -113,7 +116,8 @@ def distill_dataset(store: Store, task: Task, dataset: dict, home: Path, teacher
     response cache, so a second run pays nothing."""
     from ..datasets.build import Step, freeze_splits
     from ..datasets.registry import get_dataset, load_split, manifest
-    from ..models.base import Context, build_candidate
+    from ..models.base import Context
+    from ..models.registry import build_candidate
 
     if not teacher:
         raise ProtegeError("method distill needs a teacher: set recipe key teacher (e.g. --set "

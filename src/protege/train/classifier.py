@@ -17,20 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import torch
 
 from ..errors import ProtegeError
 from ..tasks.spec import Task
 from .common import nested_subset, write_model_card
-from .loop import Job, train_device
+from .distributed import train_device
 from .recipe import ClassifierRecipe
 
 
 class _Collate:
-    def __init__(self, encodings: list[list[int]], pad_id: int, torch):
-        self.enc, self.pad, self.torch = encodings, pad_id, torch
+    def __init__(self, encodings: list[list[int]], pad_id: int):
+        self.enc, self.pad = encodings, pad_id
 
     def __call__(self, idx: list[int]):
-        torch = self.torch
         width = max(len(self.enc[i]) for i in idx)
         ids = torch.full((len(idx), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -40,7 +40,7 @@ class _Collate:
         return ids, mask
 
 
-def _accuracy(model, collate, encodings, labels, torch, batch_size=128) -> float:
+def _accuracy(model, collate, encodings, labels, batch_size=128) -> float:
     model.eval()
     order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
     correct = 0
@@ -54,7 +54,7 @@ def _accuracy(model, collate, encodings, labels, torch, batch_size=128) -> float
     return correct / len(encodings) if encodings else float("nan")
 
 
-def _init_head_from_centroids(model, collate, encodings, labels, num_labels, torch) -> bool:
+def _init_head_from_centroids(model, collate, encodings, labels, num_labels) -> bool:
     head = getattr(model, "classifier", None)
     if not isinstance(head, torch.nn.Linear):
         return False
@@ -80,77 +80,103 @@ def _init_head_from_centroids(model, collate, encodings, labels, num_labels, tor
     return True
 
 
-def classifier_job(task: Task, dataset: dict, home: Path, base: str, recipe: ClassifierRecipe, folder: Path,
-                   run_id: str, *, train_fraction: float | None = None) -> Job:
-    if task.kind != "classification":
-        raise ProtegeError(f"method classifier trains classification tasks; task {task.name} is {task.kind}")
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+class ClassifierLoss(torch.nn.Module):
+    """Summed cross-entropy of a set of training examples."""
 
-    from ..datasets.registry import load_split
-    from ..models.local import resolve
+    def __init__(self, model, collate: _Collate, labels):
+        super().__init__()
+        self.model = model
+        self.collate, self.labels = collate, labels
 
-    labels = list(task.labels)
-    label2id = {label: i for i, label in enumerate(labels)}
-    train = nested_subset([r for r in load_split(dataset, "train") if r["reference"] in label2id], train_fraction)
-    val = [r for r in load_split(dataset, "validation") if r["reference"] in label2id]
-    if not train:
-        raise ProtegeError(f"dataset {dataset['id']} has no train rows")
-    torch.manual_seed(recipe.seed)
-    path = resolve(base, home)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        from transformers.utils import logging as hf_logging
+    def forward(self, idx, weight):
+        ids, mask = self.collate(idx)
+        dev = self.model.device
+        logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        return torch.nn.functional.cross_entropy(logits.float(), self.labels[idx].to(dev), reduction="sum") * weight
 
-        # the new head is "missing from the checkpoint" by design: keep that report quiet
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
+
+class ClassifierJob:
+    """Method classifier as the loop runs it (the `Job` protocol; DDP only, as its recipe has
+    no `strategy`)."""
+
+    unit = "ex"
+
+    def __init__(self, task: Task, dataset: dict, home: Path, base: str, recipe: ClassifierRecipe, folder: Path,
+                 run_id: str, *, train_fraction: float | None = None):
+        if task.kind != "classification":
+            raise ProtegeError(f"method classifier trains classification tasks; task {task.name} is {task.kind}")
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from ..datasets.registry import load_split
+        from ..models.hf import resolve
+
+        labels = list(task.labels)
+        label2id = {label: i for i, label in enumerate(labels)}
+        train = nested_subset([r for r in load_split(dataset, "train") if r["reference"] in label2id],
+                              train_fraction)
+        val = [r for r in load_split(dataset, "validation") if r["reference"] in label2id]
+        if not train:
+            raise ProtegeError(f"dataset {dataset['id']} has no train rows")
+        torch.manual_seed(recipe.seed)
+        path = resolve(base, home)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id)
-        finally:
-            hf_logging.set_verbosity(level)
-    except OSError as exc:
-        raise ProtegeError(f"base model {base!r}: cannot load it ({exc})") from None
-    tok = lambda rows: [tokenizer(r["input"], truncation=True, max_length=recipe.max_length).input_ids  # noqa: E731
-                        for r in rows]
-    enc_train, enc_val = tok(train), tok(val)
-    y_train = [label2id[r["reference"]] for r in train]
-    y_val = [label2id[r["reference"]] for r in val]
-    collate = _Collate(enc_train, tokenizer.pad_token_id or 0, torch)
-    collate_val = _Collate(enc_val, tokenizer.pad_token_id or 0, torch)
-    model.to(train_device())
-    if recipe.init_head == "centroids":
-        _init_head_from_centroids(model, collate, enc_train, y_train, len(labels), torch)
-    head_params = [p for n, p in model.named_parameters() if n.startswith("classifier")]
-    body_params = [p for n, p in model.named_parameters() if not n.startswith("classifier")]
-    y_all = torch.tensor(y_train)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            from transformers.utils import logging as hf_logging
 
-    class Loss(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
+            # the new head is "missing from the checkpoint" by design: keep that report quiet
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id)
+            finally:
+                hf_logging.set_verbosity(level)
+        except OSError as exc:
+            raise ProtegeError(f"base model {base!r}: cannot load it ({exc})") from None
+        tok = lambda rows: [tokenizer(r["input"], truncation=True, max_length=recipe.max_length).input_ids  # noqa: E731
+                            for r in rows]
+        enc_train, self.enc_val = tok(train), tok(val)
+        y_train = [label2id[r["reference"]] for r in train]
+        self.y_val = [label2id[r["reference"]] for r in val]
+        collate = _Collate(enc_train, tokenizer.pad_token_id or 0)
+        self.collate_val = _Collate(self.enc_val, tokenizer.pad_token_id or 0)
+        model.to(train_device())
+        if recipe.init_head == "centroids":
+            _init_head_from_centroids(model, collate, enc_train, y_train, len(labels))
+        self.task, self.dataset, self.base, self.recipe = task, dataset, base, recipe
+        self.folder, self.run_id, self.labels = folder, run_id, labels
+        self.model, self.tokenizer = model, tokenizer
+        self.loss = ClassifierLoss(model, collate, torch.tensor(y_train))
+        self.lengths = [len(e) for e in enc_train]
+        self.validates = bool(val)
+        self.metrics = {"metric": "accuracy", "train_rows": len(train), "validation_rows": len(val)}
 
-        def forward(self, idx, weight):
-            ids, mask = collate(idx)
-            dev = self.model.device
-            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-            return torch.nn.functional.cross_entropy(logits.float(), y_all[idx].to(dev), reduction="sum") * weight
+    def count(self, idx: list[int]) -> int:
+        return len(idx)
 
-    def export(best_state: dict, metrics: dict) -> Path:
-        final = folder / "model"
-        _save(model, tokenizer, final)
-        (final / "protege.json").write_bytes(orjson.dumps({"method": "classifier", "labels": labels,
-                                                           "max_length": recipe.max_length, "task": task.name,
-                                                           "run_id": run_id}))
-        _model_card(final, task, dataset, base, recipe, metrics, run_id)
+    def work(self, idx: list[int]) -> int:
+        return len(idx)
+
+    def param_groups(self) -> list[dict]:
+        """The new head learns at its own, higher rate (`head_lr`) than the pretrained encoder."""
+        named = list(self.model.named_parameters())
+        return [{"params": [p for n, p in named if not n.startswith("classifier")], "lr": self.recipe.lr},
+                {"params": [p for n, p in named if n.startswith("classifier")], "lr": self.recipe.head_lr}]
+
+    def evaluate(self) -> float:
+        return _accuracy(self.model, self.collate_val, self.enc_val, self.y_val)
+
+    def stats(self) -> dict:
+        return {}
+
+    def export(self, metrics: dict) -> Path:
+        final = self.folder / "model"
+        _save(self.model, self.tokenizer, final)
+        (final / "protege.json").write_bytes(orjson.dumps({"method": "classifier", "labels": self.labels,
+                                                           "max_length": self.recipe.max_length,
+                                                           "task": self.task.name, "run_id": self.run_id}))
+        _model_card(final, self.task, self.dataset, self.base, self.recipe, metrics, self.run_id)
         return final
-
-    return Job(model=model, loss_module=Loss(), lengths=[len(e) for e in enc_train],
-               count=len, evaluate=(lambda: _accuracy(model, collate_val, enc_val, y_val, torch)) if val else None,
-               export=export, unit="ex",
-               param_groups=[{"params": body_params, "lr": recipe.lr}, {"params": head_params, "lr": recipe.head_lr}],
-               metrics={"metric": "accuracy", "train_rows": len(train), "validation_rows": len(val)})
 
 
 def _save(model, tokenizer, path: Path) -> None:

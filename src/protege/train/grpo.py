@@ -23,18 +23,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import orjson
 import torch
 
 from ..errors import ProtegeError
-from ..models.causal import eos_ids
+from ..models.hf import eos_ids
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric, normalize_text
 from ..tasks.spec import Task
 from .common import nested_subset
-from .loop import Job
+from .job import trainable
 from .recipe import GRPORecipe
-from .sft import _evaluate, _export, _model_card, load_causal
+from .sft import export_causal, load_causal, validation_score
 
 
 def reward_function(task: Task, name: str | None):
@@ -122,41 +121,61 @@ class GRPOLoss(torch.nn.Module):
         return out
 
 
-def grpo_job(task: Task, dataset: dict, home: Path, base: str, recipe: GRPORecipe, folder: Path,
-             run_id: str, *, train_fraction: float | None = None) -> Job:
-    from ..datasets.registry import load_split
+class GRPOJob:
+    """Method grpo as the loop runs it (the `Job` protocol; DDP only, see `__init__`)."""
 
-    if recipe.strategy == "fsdp":
-        from .recipe import RecipeError
+    unit = "completion"
 
-        raise RecipeError("recipe key strategy: grpo runs with ddp only (each process samples its own "
-                          "completions, so sharded forwards would fall out of step)")
-    reward_name, reward = reward_function(task, recipe.reward)
-    train = nested_subset([r for r in load_split(dataset, "train") if r.get("reference")], train_fraction)
-    val = load_split(dataset, "validation")[:recipe.eval_rows]
-    if not train:
-        raise ProtegeError(f"dataset {dataset['id']} has no train rows with a reference to reward against")
-    torch.manual_seed(recipe.seed)
-    model, tokenizer = load_causal(base, home, "lora", recipe)
-    prompts = []
-    for r in train:
-        text = tokenizer.apply_chat_template(specialist_messages(task, r["input"]), tokenize=False,
-                                             add_generation_prompt=True)
-        p = tokenizer(text, add_special_tokens=False).input_ids
-        prompts.append(p[-recipe.max_length:])
-    loss = GRPOLoss(model, tokenizer, prompts, [r["reference"] for r in train], reward, recipe)
+    def __init__(self, task: Task, dataset: dict, home: Path, base: str, recipe: GRPORecipe, folder: Path,
+                 run_id: str, *, train_fraction: float | None = None):
+        from ..datasets.registry import load_split
 
-    def export(best_state: dict, metrics: dict) -> Path:
-        _export(model, tokenizer, folder, "lora")
-        (folder / "model" / "protege.json").write_bytes(orjson.dumps(
-            {"method": "grpo", "task": task.name, "run_id": run_id, "labels": task.labels}))
-        _model_card(folder / "model", task, dataset, base, "grpo", recipe, metrics, run_id)
-        return folder / "model"
+        if recipe.strategy == "fsdp":
+            from .recipe import RecipeError
 
-    return Job(model=model, loss_module=loss, lengths=[len(p) for p in prompts],
-               count=lambda idx: len(idx) * recipe.group_size,
-               work=lambda idx: len(idx) * recipe.group_size,
-               evaluate=(lambda: _evaluate(model, tokenizer, task, val, home, recipe)) if val else None,
-               export=export, unit="completion", stats=loss.take_stats,
-               metrics={"metric": task.metric_names[0], "reward": reward_name, "train_rows": len(train),
-                        "validation_rows_scored": len(val)})
+            raise RecipeError("recipe key strategy: grpo runs with ddp only (each process samples its own "
+                              "completions, so sharded forwards would fall out of step)")
+        reward_name, reward = reward_function(task, recipe.reward)
+        train = nested_subset([r for r in load_split(dataset, "train") if r.get("reference")], train_fraction)
+        self.val = load_split(dataset, "validation")[:recipe.eval_rows]
+        if not train:
+            raise ProtegeError(f"dataset {dataset['id']} has no train rows with a reference to reward against")
+        self.task, self.dataset, self.home, self.base, self.recipe = task, dataset, home, base, recipe
+        self.folder, self.run_id = folder, run_id
+        torch.manual_seed(recipe.seed)
+        self.model, self.tokenizer = load_causal(base, home, "lora", recipe)
+        tokenizer = self.tokenizer
+        prompts = []
+        for r in train:
+            text = tokenizer.apply_chat_template(specialist_messages(task, r["input"]), tokenize=False,
+                                                 add_generation_prompt=True)
+            p = tokenizer(text, add_special_tokens=False).input_ids
+            prompts.append(p[-recipe.max_length:])
+        self.loss = GRPOLoss(self.model, tokenizer, prompts, [r["reference"] for r in train], reward, recipe)
+        self.lengths = [len(p) for p in prompts]
+        self.validates = bool(self.val)
+        self.metrics = {"metric": task.metric_names[0], "reward": reward_name, "train_rows": len(train),
+                        "validation_rows_scored": len(self.val)}
+
+    def count(self, idx: list[int]) -> int:
+        return len(idx) * self.recipe.group_size
+
+    def work(self, idx: list[int]) -> int:
+        return self.count(idx)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": trainable(self.model), "lr": self.recipe.lr}]
+
+    def evaluate(self) -> float:
+        """Scored as the bench scores, with the task's metric rather than the reward: the run is
+        judged by what it will be benched on."""
+        return validation_score(self.model, self.tokenizer, self.task, self.val, self.home, self.recipe.max_new_tokens)
+
+    def stats(self) -> dict:
+        return self.loss.take_stats()
+
+    def export(self, metrics: dict) -> Path:
+        return export_causal(self.model, self.tokenizer, self.folder, weights="lora", method="grpo", task=self.task,
+                             dataset=self.dataset, base=self.base, recipe=self.recipe, metrics=metrics,
+                             run_id=self.run_id)
+

@@ -164,8 +164,9 @@ def load_recipe(method: str, path: str | Path | None = None, overrides: list[str
             raise RecipeError(f"{path}: a recipe is a YAML mapping of settings")
         if node is not None:
             lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
-        if data.pop("method", method) != method:
-            raise RecipeError(f"{path}: this recipe is for method {data.get('method')!r}, not {method!r}")
+        written = data.pop("method", method)  # not a recipe key: the method is chosen by --method
+        if written != method:
+            raise RecipeError(f"{path}: this recipe is for method {written!r}, not {method!r}")
     origin = {k: f"{path}:{lines.get(k, '?')}: {k}" for k in data}
     for item in overrides or []:
         if "=" not in item:

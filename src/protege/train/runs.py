@@ -12,7 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from ..ids import uuid7
-from ..runs.registry import create_run, get_run, list_runs, update_run  # noqa: F401  (train/ and cli/ use them from here until issue 12 moves them)
+from ..runs.registry import create_run
 from ..traces.store import Store
 
 PACKAGES = ("protege", "torch", "transformers", "peft", "trl", "accelerate", "safetensors", "tokenizers")

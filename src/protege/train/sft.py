@@ -1,4 +1,5 @@
-"""Methods `lora` and `full`: supervised fine-tuning of a causal LM on the task's own prompt.
+"""Methods `lora`, `full` and `distill` (after relabelling, see api.py): supervised
+fine-tuning of a causal LM on the task's own prompt.
 
     protege train examples/banking77/task.yaml --base smollm2-135m --method lora
 
@@ -10,7 +11,8 @@ the model answers the first `eval_rows` validation rows exactly as the bench wil
 with the task's first metric; the best state is kept and training stops early when it
 stops improving. The output folder `HOME/runs/RUN_ID/model/` is a merged safetensors
 model with its tokenizer (plain transformers and vLLM load it); `adapter/` holds the PEFT
-adapter of a LoRA run.
+adapter of a LoRA run. `load_causal`, `validation_score` and `export_causal` are what every
+causal-LM method shares (grpo.py uses them too).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import orjson
 import torch
 
 from ..errors import ProtegeError
-from ..models.causal import cache_keyword, causal_parts, run_decoder
+from ..models.hf import cache_keyword, causal_parts, run_decoder
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric
 from ..tasks.spec import Task
 from .common import nested_subset, write_model_card
-from .loop import Job, train_device
+from .distributed import train_device
+from .job import trainable
 from .recipe import SFTRecipe
 
 IGNORE = -100
@@ -50,48 +53,81 @@ def encode(tokenizer, task: Task, text: str, reference: str, max_length: int) ->
     return p_ids + c_ids, [IGNORE] * len(p_ids) + c_ids
 
 
-def _evaluate(model, tokenizer, task: Task, rows: list[dict], home: Path, recipe: SFTRecipe) -> float:
+def validation_score(model, tokenizer, task: Task, rows: list[dict], home: Path, max_new_tokens: int) -> float:
+    """The task's first metric on `rows`, answered exactly as the bench answers (constrained to
+    the labels for classification, greedy generation otherwise). Every causal-LM method scores
+    its validation split this way."""
     from ..models.base import Context
     from ..models.causal import CausalLM
 
     model.eval()
     mode = "constrained" if task.kind == "classification" else "generate"
-    lm = CausalLM("(training)", {"mode": mode, "instructed": "0", "max_new_tokens": str(recipe.max_new_tokens)},
+    lm = CausalLM("(training)", {"mode": mode, "instructed": "0", "max_new_tokens": str(max_new_tokens)},
                   Context(task=task, dataset={}, home=home), model=model, tokenizer=tokenizer)
     preds = [p.output for p in lm.predict(rows)]
     model.train()
     return get_metric(task.metric_names[0]).score(preds, [r["reference"] for r in rows])
 
 
+class SFTJob:
+    """Methods lora, full and distill as the loop runs them (the `ShardableJob` protocol).
+    `method` is the weights trained (lora or full); `card_method` the method the run is
+    recorded as, when it differs (distill trains LoRA)."""
+
+    unit = "tok"
+
+    def __init__(self, task: Task, dataset: dict, home: Path, base: str, recipe: SFTRecipe, folder: Path,
+                 run_id: str, *, method: str, train_fraction: float | None = None, card_method: str | None = None):
+        from ..datasets.registry import load_split
+
+        train = nested_subset(load_split(dataset, "train"), train_fraction)
+        self.val = load_split(dataset, "validation")[:recipe.eval_rows]
+        if not train:
+            raise ProtegeError(f"dataset {dataset['id']} has no train rows")
+        self.task, self.dataset, self.home, self.base, self.recipe = task, dataset, home, base, recipe
+        self.folder, self.run_id, self.method = folder, run_id, method
+        self.card_method = card_method or method
+        torch.manual_seed(recipe.seed)
+        self.model, self.tokenizer = load_causal(base, home, method, recipe)
+        tokenizer = self.tokenizer
+        self.examples = [encode(tokenizer, task, r["input"], r["reference"], recipe.max_length) for r in train]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.completion = [sum(1 for t in y if t != IGNORE) for _, y in self.examples]
+        self.loss = CompletionLoss(self.model, self.examples, pad)
+        self.lengths = [len(x) for x, _ in self.examples]
+        self.validates = bool(self.val)
+        self.metrics = {"metric": task.metric_names[0], "train_rows": len(train),
+                        "validation_rows_scored": len(self.val)}
+
+    def count(self, idx: list[int]) -> int:
+        return sum(self.completion[i] for i in idx)
+
+    def work(self, idx: list[int]) -> int:
+        return sum(len(self.examples[i][0]) for i in idx)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": trainable(self.model), "lr": self.recipe.lr}]
+
+    def evaluate(self) -> float:
+        return validation_score(self.model, self.tokenizer, self.task, self.val, self.home, self.recipe.max_new_tokens)
+
+    def stats(self) -> dict:
+        return {}
+
+    def export(self, metrics: dict, model=None) -> Path:
+        return export_causal(self.model if model is None else model, self.tokenizer, self.folder,
+                             weights=self.method, method=self.card_method, task=self.task, dataset=self.dataset,
+                             base=self.base, recipe=self.recipe, metrics=metrics, run_id=self.run_id)
+
+    def rebuild(self):
+        return load_causal(self.base, self.home, self.method, self.recipe, device="cpu")[0]
+
+
 def sft_job(task: Task, dataset: dict, home: Path, base: str, recipe: SFTRecipe, folder: Path, run_id: str, *,
-            method: str, train_fraction: float | None = None, card_method: str | None = None) -> Job:
-    """SFT job; `card_method` is the method the run is recorded as (distill trains LoRA too)."""
-    from ..datasets.registry import load_split
-
-    train = nested_subset(load_split(dataset, "train"), train_fraction)
-    val = load_split(dataset, "validation")[:recipe.eval_rows]
-    if not train:
-        raise ProtegeError(f"dataset {dataset['id']} has no train rows")
-    torch.manual_seed(recipe.seed)
-    model, tokenizer = load_causal(base, home, method, recipe)
-    examples = [encode(tokenizer, task, r["input"], r["reference"], recipe.max_length) for r in train]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    completion = [sum(1 for t in y if t != IGNORE) for _, y in examples]
-    loss_module = CompletionLoss(model, examples, pad)
-
-    def export(best_state: dict, metrics: dict, model=model) -> Path:
-        _export(model, tokenizer, folder, method)
-        (folder / "model" / "protege.json").write_bytes(orjson.dumps(
-            {"method": card_method or method, "task": task.name, "run_id": run_id, "labels": task.labels}))
-        _model_card(folder / "model", task, dataset, base, card_method or method, recipe, metrics, run_id)
-        return folder / "model"
-
-    return Job(model=model, loss_module=loss_module, lengths=[len(x) for x, _ in examples],
-               count=lambda idx: sum(completion[i] for i in idx), work=lambda idx: sum(len(examples[i][0]) for i in idx),
-               evaluate=(lambda: _evaluate(model, tokenizer, task, val, home, recipe)) if val else None,
-               export=export, unit="tok",
-               metrics={"metric": task.metric_names[0], "train_rows": len(train), "validation_rows_scored": len(val)},
-               rebuild=lambda: load_causal(base, home, method, recipe, device="cpu")[0])
+            method: str, train_fraction: float | None = None, card_method: str | None = None) -> SFTJob:
+    """The SFT job, for scripts that build one by hand (benchmarks/train_vs_trl.py)."""
+    return SFTJob(task, dataset, home, base, recipe, folder, run_id, method=method, train_fraction=train_fraction,
+                  card_method=card_method)
 
 
 def load_causal(base: str, home: Path, method: str, recipe: SFTRecipe, device=None):
@@ -99,7 +135,7 @@ def load_causal(base: str, home: Path, method: str, recipe: SFTRecipe, device=No
     (default: this process's training device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.local import resolve
+    from ..models.hf import resolve
 
     path = resolve(base, home)
     try:
@@ -192,7 +228,18 @@ class CompletionLoss(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum") * weight
 
 
-def _export(model, tokenizer, folder: Path, method: str) -> None:
+def export_causal(model, tokenizer, folder: Path, *, weights: str, method: str, task: Task, dataset: dict,
+                  base: str, recipe, metrics: dict, run_id: str) -> Path:
+    """`folder/model/`: the merged model (and `folder/adapter/` when `weights` is lora), its
+    protege.json recording `method`, and the model card. Every causal-LM method exports this way."""
+    _save_merged(model, tokenizer, folder, weights)
+    (folder / "model" / "protege.json").write_bytes(orjson.dumps(
+        {"method": method, "task": task.name, "run_id": run_id, "labels": task.labels}))
+    _model_card(folder / "model", task, dataset, base, method, recipe, metrics, run_id)
+    return folder / "model"
+
+
+def _save_merged(model, tokenizer, folder: Path, method: str) -> None:
     """Write the adapter (LoRA) and the merged model, each via a temporary folder."""
     out = folder / "model"
     tmp = folder / "model.tmp"
