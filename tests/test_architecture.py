@@ -10,7 +10,7 @@ import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "protege"
 RANKS = {
-    "errors": 0, "ids": 0, "config": 0, "prices": 0, "jsonsafe": 0, "asgi": 0,
+    "errors": 0, "ids": 0, "config": 0, "prices": 0, "jsonsafe": 0, "asgi": 0, "fsutil": 0,
     "traces": 1,
     "tasks": 2, "runs": 2, "capture": 2,
     "models": 3,

@@ -19,7 +19,6 @@ import random
 import re
 import shutil
 import socket
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import orjson
 import sqlalchemy as sa
 
 from ..errors import ProtegeError
+from ..fsutil import folder_in_place
 from ..tasks.metrics import LabelMap, normalize_text
 from ..tasks.spec import Task
 from ..traces import schema
@@ -414,9 +414,7 @@ def _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, le
             r = existing._mapping
             return BuildResult(r["id"], task.name, r["version"], Path(r["path"]), r["split_sizes"], steps, pii_counts,
                                leakage, tokens, created=False)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{os.getpid()}-{_host()}-", dir=root))
-        try:
+        with folder_in_place(path, prefix=f".build-{os.getpid()}-{_host()}-") as tmp:
             for name, blob in blobs.items():
                 (tmp / f"{name}.jsonl").write_bytes(blob)
             version = (conn.execute(sa.select(sa.func.max(t.c.version)).where(t.c.task == task.name)).scalar() or 0) + 1
@@ -428,12 +426,6 @@ def _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, le
                         "steps": [s.__dict__ for s in steps], "pii": pii_counts, "leakage": leakage, "tokens": tokens,
                         "created_at": datetime.now(timezone.utc).isoformat()}
             (tmp / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if existing is not None:  # the row survived but its files were deleted: rewrite them, keep the version
             version, dataset_id = existing.version, existing.id
         else:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import orjson
 import sqlalchemy as sa
 
 from ..errors import NotFoundError, ProtegeError
+from ..fsutil import folder_in_place
 from ..traces import schema
 from ..traces.store import Store
 
@@ -63,10 +61,8 @@ def export_dataset(dataset: dict, task, out: str | Path, fmt: str) -> dict[str, 
     out = Path(out)
     if fmt not in ("openai", "hf"):
         raise ProtegeError(f"unknown export format {fmt!r}; choose openai or hf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     sizes = {}
-    try:
+    with folder_in_place(out, replace=False) as tmp:
         if fmt == "openai":
             for split in SPLITS:
                 rows = load_split(dataset, split)
@@ -88,10 +84,4 @@ def export_dataset(dataset: dict, task, out: str | Path, fmt: str) -> dict[str, 
                 if rows:
                     parts[split] = Dataset.from_list(rows)
             DatasetDict(parts).save_to_disk(str(tmp))
-        if out.exists():
-            raise ProtegeError(f"{out} exists already; choose another path or remove it")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sizes

@@ -34,36 +34,10 @@ from ..errors import ProtegeError
 from ..tasks.metrics import normalize_text
 from .base import Context, Prediction, option
 from .hf import cache_keyword, causal_parts, eos_ids, run_decoder
+from .label_trie import LabelTrie, beam_search, tree_inputs
 from .prompting import specialist_messages
 
 SENTINEL = "\ue000"
-
-
-class _Trie:
-    """The labels' token sequences as a prefix tree; node 0 is the root."""
-
-    def __init__(self, sequences: dict[str, list[int]]):
-        self.children: list[dict[int, int]] = [{}]
-        self.parent: list[int] = [-1]
-        self.token: list[int] = [-1]
-        self.depth: list[int] = [0]
-        self.label_at: dict[int, str] = {}
-        self.path: dict[str, list[int]] = {}
-        for label, seq in sequences.items():
-            node, path = 0, []
-            for tok in seq:
-                nxt = self.children[node].get(tok)
-                if nxt is None:
-                    nxt = len(self.children)
-                    self.children.append({})
-                    self.parent.append(node)
-                    self.token.append(tok)
-                    self.depth.append(self.depth[node] + 1)
-                    self.children[node][tok] = nxt
-                node = nxt
-                path.append(node)
-            self.label_at[node] = label
-            self.path[label] = path
 
 
 class CausalLM:
@@ -130,7 +104,7 @@ class CausalLM:
         if self.mode in ("score", "constrained"):
             seqs = {label: self.tokenizer(label, add_special_tokens=False).input_ids + [self.eos_ids[0]]
                     for label in task.labels}
-            self.trie = _Trie(seqs)
+            self.trie = LabelTrie(seqs)
 
     def _pick_shots(self, train: list[dict]) -> list[tuple[str, str]]:
         if not self.shots or not train:
@@ -261,76 +235,16 @@ class CausalLM:
             best: list[tuple[float, str, int] | None] = [None] * B
             logits, cache, mask, cur = self._prefill(suffixes)
             kept = copy.deepcopy(cache) if self.beam > 1 else None  # the wider search starts from here
-            open_ = self._search((logits, cache, mask, cur), best, width=1)
+            open_ = beam_search(self.trie, (logits, cache, mask, cur), best, 1, self._extend, self.device)
             again = [i for i in range(B) if open_[i] > best[i][0]]
             if again and kept is not None:
                 idx = torch.tensor(again, device=self.device)
                 kept.reorder_cache(idx)
                 better: list[tuple[float, str, int] | None] = [best[i] for i in again]
-                self._search((logits[idx], kept, mask[idx], cur[idx]), better, width=self.beam)
+                beam_search(self.trie, (logits[idx], kept, mask[idx], cur[idx]), better, self.beam, self._extend, self.device)
                 for i, b in zip(again, better):
                     best[i] = b
         return [(label, math.exp(score), n) for score, label, n in best]
-
-    def _search(self, state, best: list, width: int) -> list[float]:
-        """Beam search of width `width` from the prefilled `state`, updating `best` (per row:
-        (log-probability, label, tokens)) in place; returns per row the best score of the
-        candidates left out for want of width (-inf when none was).
-
-        A row stops once its best finished label outscores every unfinished beam. Where the
-        trie does not branch, the tokens are forced: a beam takes the whole unbranched run in
-        one forward pass (whose logits still give each forced token's probability), so
-        decoding costs one pass per branch point, not one per token."""
-        torch = self.torch
-        trie = self.trie
-        logits, cache, mask, cur = state
-        # live hypotheses, one per batch row of the cache: (row, node, score, length)
-        live = [(i, 0, 0.0, 0) for i in range(len(best))]
-        next_logp = list(torch.log_softmax(logits.float(), dim=-1))
-        open_ = [float("-inf")] * len(best)
-        while live:
-            expansions: dict[int, list[tuple[float, int, int, int]]] = {}
-            for h, (row, node, score, length) in enumerate(live):
-                children = trie.children[node]
-                allowed = list(children)
-                lp = next_logp[h][allowed].tolist()
-                for tok, val in zip(allowed, lp):
-                    child, total = children[tok], score + val
-                    if child in trie.label_at:
-                        if best[row] is None or total > best[row][0]:
-                            best[row] = (total, trie.label_at[child], length + 1)
-                    else:
-                        expansions.setdefault(row, []).append((total, h, tok, child))
-            new_live, parents, chunks = [], [], []
-            for row, cands in expansions.items():
-                cands.sort(reverse=True)
-                for k, (total, h, tok, child) in enumerate(cands):
-                    if best[row] is not None and total <= best[row][0]:
-                        break
-                    if k == width:
-                        open_[row] = max(open_[row], total)
-                        break
-                    chunk, node = [tok], child
-                    while len(trie.children[node]) == 1:  # forced: one way on, and not the end
-                        (t, nxt), = trie.children[node].items()
-                        if nxt in trie.label_at:
-                            break
-                        chunk.append(t)
-                        node = nxt
-                    new_live.append((row, node, total, live[h][3] + len(chunk)))
-                    parents.append(h)
-                    chunks.append(chunk)
-            if not new_live:
-                break
-            idx = torch.tensor(parents, device=self.device)
-            cache.reorder_cache(idx)
-            logps, cache, mask, cur = self._extend(chunks, cache, mask[idx], cur[idx])
-            live, next_logp = [], []
-            for (row, node, total, length), chunk, lp in zip(new_live, chunks, logps):
-                forced = float(lp[torch.arange(len(chunk) - 1), chunk[1:]].sum()) if len(chunk) > 1 else 0.0
-                live.append((row, node, total + forced, length))
-                next_logp.append(lp[-1])
-        return open_
 
     def _score(self, suffixes: list[list[int]]) -> list[tuple[str, float | None, int]]:
         """Score every label in one forward pass per batch: each row's own tokens are followed
@@ -339,39 +253,12 @@ class CausalLM:
         path; the probabilities returned are normalised over the label set."""
         torch = self.torch
         trie = self.trie
-        nodes = list(range(1, len(trie.children)))
-        N = len(nodes)
-        col = {n: i for i, n in enumerate(nodes)}
         cache, P = self._cache_for(len(suffixes))
         if cache is None:
             P = 0
-        B, S = len(suffixes), max(len(s) for s in suffixes)
-        T = S + N
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        pos = torch.zeros((B, T), dtype=torch.long)
-        allowed = torch.zeros((B, T, P + T), dtype=torch.bool)
-        allowed[:, :, :P] = True
-        # node n attends to its ancestors (and itself); same for every row
-        tree = torch.zeros((N, N), dtype=torch.bool)
-        for n in nodes:
-            a = n
-            while a > 0:
-                tree[col[n], col[a]] = True
-                a = trie.parent[a]
-        node_tok = torch.tensor([trie.token[n] for n in nodes])
-        node_depth = torch.tensor([trie.depth[n] for n in nodes])
-        for i, suf in enumerate(suffixes):
-            L = len(suf)
-            ids[i, :L] = torch.tensor(suf)
-            ids[i, S:] = node_tok
-            pos[i, :S] = P + torch.arange(S)
-            pos[i, S:] = P + L + node_depth - 1
-            allowed[i, :S, P:P + S] = torch.tril(torch.ones((S, S), dtype=torch.bool))
-            allowed[i, S:, P:P + L] = True
-            allowed[i, S:, P + S:] = tree
-        mask = torch.zeros((B, 1, T, P + T), dtype=torch.float32)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
-        parents = [n for n in nodes if trie.children[n]]  # nodes whose output predicts a child
+        tree = tree_inputs(trie, suffixes, self.pad_id, P)
+        ids, mask, pos = tree.ids, tree.mask, tree.pos
+        S, col, parents, nodes = tree.S, tree.col, tree.parents, tree.nodes
         ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
         with self._no_grad():
             hidden, _ = self._forward(ids, mask, pos, cache)

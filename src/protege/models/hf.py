@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import ProtegeError
+from ..fsutil import folder_in_place
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = ("smollm2-135m", "minilm")
@@ -59,9 +58,7 @@ def smollm2_path(home: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
-    try:
+    with folder_in_place(out, prefix=".smollm2-") as tmp:
         # transformers marks GGUF-loaded models as quantized and refuses save_pretrained;
         # the weights are plain fp32 after loading, so write them ourselves.
         config = model.config
@@ -74,12 +71,6 @@ def smollm2_path(home: Path) -> Path:
             model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

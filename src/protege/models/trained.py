@@ -95,10 +95,8 @@ def specialist(folder: Path, meta: dict, run_id: str | None, options: dict, ctx:
 
 def factory(rest: str, options: dict, ctx: Context):
     """`run:RUN_ID`: the finished training run's specialist."""
-    from ..config import Settings
-    from ..traces.store import Store
-
-    store = Store(Settings.resolve(home=ctx.home).database_url) if ctx.store is None else ctx.store
-    run, folder, meta = finished_run_model(store, rest)
+    if ctx.store is None:  # bench, calibrate and serve pass theirs: a run is looked up where it was stored
+        raise ProtegeError(f"run:{rest}: a trained run is looked up in the store, and this context has none")
+    run, folder, meta = finished_run_model(ctx.store, rest)
     return specialist(folder, meta, run["id"], options, ctx)
 

@@ -12,7 +12,6 @@ first steps already start near a nearest-centroid classifier. The output folder
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import orjson
 import torch
 
 from ..errors import ProtegeError
+from ..fsutil import folder_in_place
 from ..tasks.spec import Task
 from .common import nested_subset, write_model_card
 from .distributed import train_device
@@ -180,14 +180,9 @@ class ClassifierJob:
 
 
 def _save(model, tokenizer, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with folder_in_place(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def _model_card(folder: Path, task: Task, dataset: dict, base: str, recipe, metrics: dict, run_id: str) -> None:

@@ -18,7 +18,6 @@ causal-LM method shares (grpo.py uses them too).
 from __future__ import annotations
 
 import copy
-import shutil
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import orjson
 import torch
 
 from ..errors import ProtegeError
+from ..fsutil import folder_in_place
 from ..models.hf import cache_keyword, causal_parts, run_decoder
 from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric
@@ -241,20 +241,16 @@ def export_causal(model, tokenizer, folder: Path, *, weights: str, method: str, 
 
 def _save_merged(model, tokenizer, folder: Path, method: str) -> None:
     """Write the adapter (LoRA) and the merged model, each via a temporary folder."""
-    out = folder / "model"
-    tmp = folder / "model.tmp"
-    for p in (out, tmp):
-        if p.exists():
-            shutil.rmtree(p)
     if method == "lora":
-        model.save_pretrained(folder / "adapter")
-        tokenizer.save_pretrained(folder / "adapter")
+        with folder_in_place(folder / "adapter") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         merged = copy.deepcopy(model).merge_and_unload()
     else:
         merged = model
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    with folder_in_place(folder / "model") as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def _model_card(folder: Path, task: Task, dataset: dict, base: str, method: str, recipe, metrics: dict,
