@@ -53,13 +53,6 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def _safe(value: Any) -> Any:
-    try:
-        return _jsonable(value)
-    except Exception:  # noqa: BLE001
-        return {"_unparsed": repr(value)[:100_000]}
-
-
 def _request_of(kwargs: dict) -> dict:
     return {k: _jsonable(v) for k, v in kwargs.items()
             if k not in _SKIP_KWARGS and type(v).__name__ not in ("NotGiven", "Omit")}
@@ -99,7 +92,7 @@ class _Recorder:
         try:
             record = self._record(latency, response, error, stream, problem)
         except Exception as exc:  # noqa: BLE001 - a normaliser bug must not cost the trace
-            record = TraceRecord(request=_safe(self.request), response=None, source="sdk", task=self.task,
+            record = TraceRecord(request=self.request, response=None, source="sdk", task=self.task,
                                  endpoint=self.endpoint, latency_ms=latency, status="error", stream=stream,
                                  error=f"protege could not normalise this call ({type(exc).__name__}: {exc})",
                                  metadata={**self.w.metadata, "protege_unparsed": True}, created_at=self.started)

@@ -249,11 +249,8 @@ class TraceWriter:
     def _periodic(self) -> None:
         self._last_periodic = time.monotonic()
         self._retry_held()
-        if self.spool.pending:
-            if self._store_ready():
-                self._replay_some()
-        elif self.store_down:
-            self._store_ready()
+        if self._store_ready() and self.spool.pending:  # reconnects when the retry time has come
+            self._replay_some()
         if self.journal is not None:
             self.journal.release([])
         self._report_drops()

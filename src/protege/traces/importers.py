@@ -42,7 +42,7 @@ from ..errors import InputError, ProtegeError, StoreError
 from ..prices import PriceTable
 from . import clean, normalize
 from .record import SOURCES, STATUSES, TraceRecord, parse_time
-from .store import Store, is_connection_error
+from .store import Store, error_summary, is_connection_error
 
 FORMATS = ("openai-jsonl", "openai-batch", "csv", "traces")
 CHUNK = 2000
@@ -422,8 +422,7 @@ _READERS = {"openai-jsonl": _iter_openai_jsonl, "openai-batch": _iter_batch, "cs
 
 def _refused(store: Store, path: Path, exc: Exception, first: int | None = None, last: int | None = None):
     """The backstop for what `clean.problems` misses: a store error as one line naming the chunk."""
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    reason = text[0] if text else type(exc).__name__
+    reason = error_summary(exc)
     if is_connection_error(exc) or first is None:
         return StoreError(f"{path}: cannot write to the trace store at {redact_url(store.url)} ({reason}); "
                           "nothing was stored: import the file again once the store answers")
