@@ -358,9 +358,9 @@ def train_tiny_specialist(tmp: Path, db: str) -> tuple[str, str]:
     does not matter here; every answer is acknowledged, right or wrong)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
+    from protege.bases import minilm_path
     from protege.datasets.build import build_dataset
     from protege.datasets.registry import get_dataset
-    from protege.models.hf import minilm_path
     from protege.tasks.spec import load_task
     from protege.traces.importers import ImportOptions, import_file
     from protege.traces.store import Store

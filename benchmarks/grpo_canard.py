@@ -37,13 +37,12 @@ def main() -> None:
     console = Console()
 
     from protege.bench.run import run_bench
-    from protege.datasets.registry import load_split
     from protege.runs.registry import get_run
     from protege.train.api import train
     from protege.train.recipe import load_recipe
 
     store, task, ds, home = prepare(EX, "canard", args.home, "protege-grpo-")
-    n_train = len(load_split(ds, "train"))
+    n_train = len(ds.split("train"))
 
     t0 = time.monotonic()
     sft_recipe = load_recipe("lora", ROOT / "recipes" / "lora.yaml", ["epochs=1", "eval_every=1000", "eval_rows=20",

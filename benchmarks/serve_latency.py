@@ -151,13 +151,12 @@ def main() -> None:
     info = machine_info(["protege", "torch", "transformers", "fastapi", "uvicorn"])
     console = Console()
 
-    from protege.datasets.registry import load_split
     from protege.runs.registry import get_run
     from protege.train.api import train
     from protege.train.recipe import load_recipe
 
     store, task, ds, home = prepare(EX, "banking77", args.home, "protege-serve-")
-    texts = [r["input"] for r in load_split(ds, "test")[::7]]
+    texts = [r["input"] for r in ds.split("test")[::7]]
     runs = {"classifier": args.classifier_run, "lora": None if args.skip_lora else args.lora_run}
     if not runs["classifier"]:
         runs["classifier"] = train(store, task, ds, home, "minilm", "classifier",

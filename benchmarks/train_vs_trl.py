@@ -50,23 +50,22 @@ def main() -> None:
 
     import torch
 
+    from protege.bases import resolve
     from protege.bench.run import sample_rows
-    from protege.datasets.registry import load_split
     from protege.models.base import Context
     from protege.models.causal import CausalLM
-    from protege.models.hf import resolve
-    from protege.models.prompting import specialist_messages
     from protege.tasks.metrics import get_metric
+    from protege.tasks.prompting import specialist_messages
     from protege.train.common import nested_subset
     from protege.train.loop import run_loop
     from protege.train.recipe import load_recipe
     from protege.train.sft import sft_job
 
     store, task, ds, home = prepare(EX, "banking77", args.home, "protege-trl-")
-    all_train = load_split(ds, "train")
+    all_train = ds.split("train")
     fraction = min(1.0, args.rows / len(all_train))
     train_rows = nested_subset(all_train, fraction)
-    test = sample_rows(load_split(ds, "test"), args.test_rows)
+    test = sample_rows(ds.split("test"), args.test_rows)
     base = resolve("smollm2-135m", home)
     steps = -(-len(train_rows) // 16)
     warmup = int(steps * 0.05)

@@ -146,7 +146,7 @@ def tiny_bert(tmp_path):
     """A 1-layer, 32-wide BERT with MiniLM's tokenizer: the real architecture, random weights."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from protege.models.hf import minilm_path
+    from protege.bases import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -162,7 +162,7 @@ def tiny_llama(tmp_path):
     """A 1-layer, 32-wide Llama (SmolLM2's architecture) with SmolLM2's tokenizer, random weights."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from protege.models.hf import resolve
+    from protege.bases import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m", tmp_path))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -11,7 +11,6 @@ import sqlalchemy as sa
 from helpers import LABELS, make_banking, run
 
 from protege.bench.run import run_bench
-from protege.datasets.registry import load_split
 from protege.errors import ProtegeError
 from protege.models.base import Context
 from protege.models.registry import build_candidate
@@ -27,14 +26,14 @@ def banking(sqlite_store, tmp_path, home):
 
 
 def ctx_for(task, ds, home):
-    return Context(task=task, dataset=ds, home=home, train=load_split(ds, "train"), prices=load_prices())
+    return Context(task=task, dataset=ds, home=home, train=ds.split("train"), prices=load_prices())
 
 
 @pytest.fixture
 def label_upstream(banking):
     """A local OpenAI-compatible server answering with the gold label (a stand-in frontier model)."""
     task, ds = banking
-    gold = {r["input"]: r["reference"] for r in load_split(ds, "test")}
+    gold = {r["input"]: r["reference"] for r in ds.split("test")}
     up = ScriptedUpstream(model="gpt-4o-mini-2024-07-18",
                           reply=lambda req: gold.get(req["messages"][-1]["content"], "card_arrival"))
     up.start()
@@ -44,7 +43,7 @@ def label_upstream(banking):
 
 def test_openai_candidate_retries_429_then_caches(banking, label_upstream, home):
     task, ds = banking
-    rows = load_split(ds, "test")[:5]
+    rows = ds.split("test")[:5]
     label_upstream.push(("status", 429, {"error": {"message": "slow down"}}), ("status", 503, {"error": {}}))
     spec = f"openai:gpt-4o-mini@{label_upstream.url}?concurrency=1"
     cand = build_candidate(spec, ctx_for(task, ds, home))
@@ -74,7 +73,7 @@ def test_openai_candidate_errors(banking, label_upstream, home):
     label_upstream.push(("status", 400, {"error": {"message": "bad request"}}))
     cand = build_candidate(f"openai:m@{label_upstream.url}?cache=off&retries=0", ctx)
     with pytest.raises(ProtegeError, match="HTTP 400"):
-        cand.predict(load_split(ds, "test")[:1])
+        cand.predict(ds.split("test")[:1])
     with pytest.raises(ProtegeError, match="unknown candidate 'nope:x'"):
         build_candidate("nope:x", ctx)
     with pytest.raises(ProtegeError, match="option concurrency='many'"):
@@ -83,7 +82,7 @@ def test_openai_candidate_errors(banking, label_upstream, home):
 
 def test_smollm2_constrained_and_free_generation(banking, home):
     task, ds = banking
-    rows = load_split(ds, "test")[:6]
+    rows = ds.split("test")[:6]
     ctx = ctx_for(task, ds, home)
     constrained = build_candidate("hf:smollm2-135m", ctx)
     preds = constrained.predict(rows)
@@ -110,7 +109,7 @@ def test_smollm2_constrained_and_free_generation(banking, home):
 
 def test_knn_minilm_beats_chance(banking, home):
     task, ds = banking
-    rows = load_split(ds, "test")
+    rows = ds.split("test")
     knn = build_candidate("knn:minilm", ctx_for(task, ds, home))
     preds = knn.predict(rows)
     acc = sum(p.output == r["reference"] for p, r in zip(preds, rows)) / len(rows)
@@ -129,7 +128,7 @@ def test_bench_cli_end_to_end(banking, label_upstream, sqlite_store, tmp_path, c
                             "--json", str(out))
     assert code == 0, err
     report = json.loads(out.read_text())
-    n = len(load_split(ds, "test"))
+    n = len(ds.split("test"))
     assert n >= 20 and report["rows"] == n and report["reference"] == "replay"
     by = {c["spec"]: c for c in report["candidates"]}
     replay, knn, api = by["replay"], by["knn:minilm"], by[f"openai:gpt-4o-mini@{label_upstream.url}"]
@@ -159,7 +158,7 @@ def test_bench_same_rows_and_limit_on_both_stores(store, tmp_path, home):
     with store.engine.connect() as conn:
         stored = conn.execute(sa.select(schema.runs.c.config).where(schema.runs.c.kind == "bench")).scalars().all()
     assert sorted(c["candidate"] for c in stored) == ["knn:minilm", "replay"]
-    assert all(c["rows"] == 10 and c["dataset"] == ds["id"] for c in stored)
+    assert all(c["rows"] == 10 and c["dataset"] == ds.id for c in stored)
     with pytest.raises(ProtegeError, match="at least one --candidate"):
         run_bench(store, task, ds, home, [])
 

@@ -11,8 +11,8 @@ from helpers import run
 
 from protege.datasets.build import build_dataset
 from protege.datasets.pii import redact
-from protege.datasets.registry import get_dataset, list_datasets, load_split
-from protege.errors import ProtegeError
+from protege.datasets.registry import get_dataset, list_datasets
+from protege.errors import NotFoundError, ProtegeError
 from protege.tasks.spec import load_task
 from protege.traces.record import TraceRecord
 
@@ -69,7 +69,7 @@ def test_build_counts_splits_and_is_frozen(store, tmp_path, home):
     assert named["drop error traces"].removed == 1
     assert named["label set (traces)"].removed == 1
     assert result.sizes == {"train": 126, "validation": 18, "test": 36}
-    test = load_split(get_dataset(store, "intents@1"), "test")
+    test = get_dataset(store, "intents@1").split("test")
     assert Counter(r["reference"] for r in test) == {label: 12 for label in INTENTS}  # stratified
     row = test[0]
     assert set(row) == {"id", "input", "output", "reference", "messages", "created_at", "recorded"}
@@ -83,7 +83,63 @@ def test_build_counts_splits_and_is_frozen(store, tmp_path, home):
     store.insert_traces([trace("one more balance question about pot 99x", "balance")])
     newer = build_dataset(store, task, home)
     assert newer.id == "intents@2" and newer.created
-    assert get_dataset(store, "intents")["id"] == "intents@2"
+    assert get_dataset(store, "intents").id == "intents@2"
+
+
+
+def test_a_dataset_is_typed_and_names_what_is_wrong_with_its_files(store, tmp_path, home):
+    fill(store)
+    result = build_dataset(store, task_file(tmp_path), home)
+    ds = get_dataset(store, result.id)
+    assert (ds.id, ds.task, ds.version, ds.path) == (result.id, "intents", 1, result.path.resolve())
+    assert ds.split_sizes == result.sizes and len(ds.content_hash) == 64
+    assert {k: len(ds.split(k)) for k in result.sizes} == result.sizes
+    assert ds.manifest["content_hash"] == ds.content_hash and ds.manifest["id"] == ds.id
+    row = ds.as_dict()  # what `dataset list --json` prints: the table's row
+    assert row["name"] == row["task"] == "intents" and row["path"] == str(ds.path)
+    assert [d.id for d in list_datasets(store)] == [ds.id]
+    with pytest.raises(ProtegeError, match="unknown split 'dev'; choose one of train, validation, test"):
+        ds.split("dev")
+    lines = (ds.path / "validation.jsonl").read_bytes().splitlines()
+    (ds.path / "validation.jsonl").write_bytes(lines[0] + b"\n{broken\n")
+    with pytest.raises(ProtegeError, match=r"intents@1: .*validation.jsonl:2 is not valid JSON"):
+        ds.split("validation")
+    (ds.path / "test.jsonl").unlink()
+    with pytest.raises(NotFoundError, match=r"intents@1: .*test.jsonl is gone"):
+        ds.split("test")
+    (ds.path / "manifest.json").write_text("{")
+    with pytest.raises(ProtegeError, match=r"intents@1: .*manifest.json is not valid JSON"):
+        get_dataset(store, ds.id).manifest
+
+
+
+def test_reviewed_traces_are_the_benchmark_and_never_train(store, tmp_path, home):
+    """A team's logged frontier calls, a sample reviewed by humans (feedback corrections):
+    `split.test: reviewed` benchmarks every reviewed call against its correction, keeps the
+    frontier's own reply as the recorded output, and trains on the rest."""
+    fill(store)
+    tickets_seen = "I lost my card 3 days ago, help"
+    store.insert_traces([trace(tickets_seen, "card_lost")])
+    reviewed = [trace(tickets_seen, "refund", feedback={"correction": "card_lost"}),  # the frontier was wrong
+                trace("refund purchase number 4242 please", "refund", feedback={"correction": "refund"}),
+                trace("balance of wallet 999, now", "card_lost", feedback={"correction": "balance"})]
+    store.insert_traces(reviewed)
+    task = task_file(tmp_path, "references: feedback\nsplit: {method: stratified, test: reviewed}\n")
+    result = build_dataset(store, task, home)
+    ds = get_dataset(store, result.id)
+    test = ds.split("test")
+    assert sorted((r["input"], r["output"], r["reference"]) for r in test) == sorted(
+        (r.request["messages"][-1]["content"], r.output_text, r.feedback["correction"]) for r in reviewed)
+    trained = {r["input"] for split in ("train", "validation") for r in ds.split(split)}
+    assert not trained & {r["input"] for r in test}  # the unreviewed duplicate was dropped, not the reviewed row
+    assert result.leakage["removed_from_train"] + result.leakage["removed_from_validation"] >= 1
+    assert result.sizes["train"] + result.sizes["validation"] == 181 - result.leakage["removed_from_train"] \
+        - result.leakage["removed_from_validation"]
+    assert "reviewed traces to test" in {s.name for s in result.steps}
+    with pytest.raises(ProtegeError, match="drop --test-from"):
+        build_dataset(store, task, home, test_from=tmp_path / "any.jsonl")
+    with pytest.raises(ProtegeError, match="split.test reviewed needs `references: feedback`"):
+        task_file(tmp_path, "split: {method: stratified, test: reviewed}\n")  # references default: frontier
 
 
 def test_near_duplicates_and_leakage_on_planted_rows(store, tmp_path, home):
@@ -107,7 +163,7 @@ def test_near_duplicates_and_leakage_on_planted_rows(store, tmp_path, home):
     assert result.leakage["removed_from_train"] + result.leakage["removed_from_validation"] == 1
     assert result.sizes["test"] == 2
     ds = get_dataset(store, result.id)
-    inputs = [r["input"] for split in ("train", "validation") for r in load_split(ds, split)]
+    inputs = [r["input"] for split in ("train", "validation") for r in ds.split(split)]
     assert not any("charged twice" in t for t in inputs)
     assert sum("station" in t for t in inputs) == 1
 
@@ -143,8 +199,8 @@ def test_temporal_split(store, tmp_path, home):
     task = task_file(tmp_path, "split: {method: temporal, test_fraction: 0.2, validation_fraction: 0.2}\n")
     result = build_dataset(store, task, home)
     ds = get_dataset(store, result.id)
-    test_days = sorted(r["created_at"] for r in load_split(ds, "test"))
-    train_days = sorted(r["created_at"] for r in load_split(ds, "train"))
+    test_days = sorted(r["created_at"] for r in ds.split("test"))
+    train_days = sorted(r["created_at"] for r in ds.split("train"))
     assert result.sizes == {"train": 30, "validation": 10, "test": 10}
     assert train_days[-1] < test_days[0]
 
@@ -200,7 +256,7 @@ def test_group_by_keeps_each_dialog_in_one_split(store, tmp_path, home):
     ds = get_dataset(store, build_dataset(store, task, home).id)
     owners = {}
     for split in ("train", "validation", "test"):
-        for r in load_split(ds, split):
+        for r in ds.split(split):
             owners.setdefault(r["group"], set()).add(split)
     assert len(owners) == 30 and all(len(s) == 1 for s in owners.values())
     assert {s for v in owners.values() for s in v} == {"train", "validation", "test"}

@@ -14,7 +14,6 @@ import orjson
 import pytest
 from helpers import make_banking, run
 
-from protege.datasets.registry import load_split
 from protege.decide.analysis import Inputs, decide
 from protege.decide.curve_fit import fit_power_law, rows_to_reach
 from protege.decide.report import markdown
@@ -25,7 +24,7 @@ from protege.traces import schema
 def plant_bench(store, home, task, ds, spec, *, correct: int, kind: str, reference: str = "replay",
                 p50=None, p95=None, throughput=None, cost=None, latency_note="measured here, batch size 1"):
     """A bench run whose first `correct` test rows are right and the rest wrong."""
-    rows = load_split(ds, "test")
+    rows = ds.split("test")
     labels = task.labels
     run_id = uuid7()
     folder = Path(home) / "runs" / run_id
@@ -44,8 +43,8 @@ def plant_bench(store, home, task, ds, spec, *, correct: int, kind: str, referen
     with store.engine.begin() as conn:
         conn.execute(schema.runs.insert().values(
             id=run_id, kind="bench", task=task.name, status="done",
-            config={"candidate": spec, "reference": reference, "rows": len(rows), "dataset": ds["id"]},
-            base_model=spec, dataset_id=ds["id"], metrics=metrics, outputs_path=str(folder / "outputs.jsonl"),
+            config={"candidate": spec, "reference": reference, "rows": len(rows), "dataset": ds.id},
+            base_model=spec, dataset_id=ds.id, metrics=metrics, outputs_path=str(folder / "outputs.jsonl"),
             created_at=now, finished_at=now))
     return run_id
 
@@ -56,7 +55,7 @@ def plant_train(store, task, ds, *, wall_s: float, rows: int = 100) -> str:
     with store.engine.begin() as conn:
         conn.execute(schema.runs.insert().values(
             id=run_id, kind="train", task=task.name, status="done", config={"method": "classifier"},
-            base_model="minilm", dataset_id=ds["id"], metrics={"wall_s": wall_s, "train_rows": rows},
+            base_model="minilm", dataset_id=ds.id, metrics={"wall_s": wall_s, "train_rows": rows},
             created_at=now, finished_at=now))
     return run_id
 
@@ -68,14 +67,14 @@ def plant_curve(store, task, ds, points: list[tuple[int, float]]) -> None:
     with store.engine.begin() as conn:
         conn.execute(schema.runs.insert().values(
             id=uuid7(), kind="curve", task=task.name, status="done", config={}, base_model="minilm",
-            dataset_id=ds["id"], metrics={"metric": "accuracy", "points": pts}, created_at=now, finished_at=now))
+            dataset_id=ds.id, metrics={"metric": "accuracy", "points": pts}, created_at=now, finished_at=now))
 
 
 def plant_not_yet(store, tmp_path, home):
     """A specialist 5 rows short of a perfect reference, a weak knn, and a curve whose error
     halves with each 4x of data: 0.32 at 100 rows, 0.16 at 400, 0.08 at 1,600."""
     task, ds = make_banking(store, tmp_path, home)
-    n = len(load_split(ds, "test"))
+    n = len(ds.split("test"))
     spec_run = plant_train(store, task, ds, wall_s=600)
     plant_bench(store, home, task, ds, "knn:minilm", correct=n // 3, kind="local", p50=5, p95=8, throughput=200,
                 cost=0.14)
@@ -88,7 +87,7 @@ def plant_not_yet(store, tmp_path, home):
 
 def test_train_when_the_specialist_matches_the_reference_and_pays_back(sqlite_store, tmp_path, home, capsys):
     task, ds = make_banking(sqlite_store, tmp_path, home)
-    n = len(load_split(ds, "test"))
+    n = len(ds.split("test"))
     spec_run = plant_train(sqlite_store, task, ds, wall_s=3600)
     plant_bench(sqlite_store, home, task, ds, "knn:minilm", correct=n // 2, kind="local", p50=5, p95=8,
                 throughput=200, cost=0.14)
@@ -143,7 +142,7 @@ def test_not_yet_when_the_curve_says_more_traces_close_the_gap(sqlite_store, tmp
 
 def test_dont_train_when_a_cheap_baseline_suffices_or_the_frontier_wins(sqlite_store, tmp_path, home):
     task, ds = make_banking(sqlite_store, tmp_path, home)
-    n = len(load_split(ds, "test"))
+    n = len(ds.split("test"))
     spec_run = plant_train(sqlite_store, task, ds, wall_s=600)
     plant_bench(sqlite_store, home, task, ds, f"run:{spec_run}", correct=n, kind="local", p50=6, p95=9,
                 throughput=10, cost=2.78)
@@ -169,7 +168,7 @@ def test_dont_train_when_the_specialist_is_not_cheaper_states_the_risk_once(sqli
     """As good as the reference but dearer per request: DON'T TRAIN, and the risk sentence
     comes once, last (it used to be added a second time, issue 12)."""
     task, ds = make_banking(sqlite_store, tmp_path, home)
-    n = len(load_split(ds, "test"))
+    n = len(ds.split("test"))
     spec_run = plant_train(sqlite_store, task, ds, wall_s=600)
     plant_bench(sqlite_store, home, task, ds, "knn:minilm", correct=n // 2, kind="local", p50=5, p95=8,
                 throughput=200, cost=0.14)

@@ -26,8 +26,8 @@ def test_tiny_classifier_writes_model_card_metrics_and_tensorboard(sqlite_store,
     assert code == 0, err
     run_id = out.split("run ")[1].split()[0]
     r = get_run(sqlite_store, run_id)
-    assert r["status"] == "done" and r["kind"] == "train" and r["dataset_id"] == ds["id"]
-    assert r["config"]["recipe"]["epochs"] == 2 and r["config"]["dataset_hash"] == ds["content_hash"]
+    assert r["status"] == "done" and r["kind"] == "train" and r["dataset_id"] == ds.id
+    assert r["config"]["recipe"]["epochs"] == 2 and r["config"]["dataset_hash"] == ds.content_hash
     assert r["config"]["environment"]["packages"]["torch"]
     m = r["metrics"]
     train_rows = m["train_rows"]
@@ -120,7 +120,7 @@ def test_missing_base_model_names_the_path(sqlite_store, tmp_path, home, capsys)
                        "--method", "classifier")
     assert code == 1 and f"model path {tmp_path / 'nope'} does not exist" in " ".join(err.split())
     with pytest.raises(ProtegeError, match="not a Hugging Face model folder"):
-        from protege.models.hf import resolve
+        from protege.bases import resolve
 
         resolve(str(tmp_path), home)
 
@@ -154,7 +154,7 @@ def test_tiny_sft_writes_merged_model_adapter_and_benches(sqlite_store, tmp_path
 def test_sft_encode_masks_the_prompt(tmp_path, home):
     from transformers import AutoTokenizer
 
-    from protege.models.hf import resolve
+    from protege.bases import resolve
     from protege.tasks.spec import load_task
     from protege.train.sft import IGNORE, encode
 
@@ -292,7 +292,7 @@ def _one_then_two_processes(store, capsys, args: list[str]) -> tuple[dict, dict]
 def test_two_processes_match_one(sqlite_store, tmp_path, home, capsys):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from protege.models.hf import minilm_path
+    from protege.bases import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -390,7 +390,6 @@ def test_fsdp_is_refused_where_it_cannot_run(tmp_path):
 
 
 def test_distill_relabels_with_the_teacher_then_trains(sqlite_store, tmp_path, home, tiny_llama, capsys):
-    from protege.datasets.registry import load_split, manifest
     from protege.testing import ScriptedUpstream
 
     task, ds = make_banking(sqlite_store, tmp_path, home)
@@ -406,14 +405,14 @@ def test_distill_relabels_with_the_teacher_then_trains(sqlite_store, tmp_path, h
         r = get_run(sqlite_store, run_id)
         assert r["config"]["method"] == "distill" and r["config"]["distilled_from"] == teacher
         distilled = r["config"]["dataset"]
-        assert distilled != ds["id"] and distilled.startswith("bank6@")
+        assert distilled != ds.id and distilled.startswith("bank6@")
         from protege.datasets.registry import get_dataset
 
         new = get_dataset(sqlite_store, distilled)
-        train_rows = load_split(new, "train")
-        assert len(train_rows) == len(load_split(ds, "train")) and {x["reference"] for x in train_rows} == {"pin_blocked"}
-        assert load_split(new, "test") == load_split(ds, "test")  # the benchmark keeps its references
-        assert manifest(new)["steps"][-1]["name"] == "distill"
+        train_rows = new.split("train")
+        assert len(train_rows) == len(ds.split("train")) and {x["reference"] for x in train_rows} == {"pin_blocked"}
+        assert new.split("test") == ds.split("test")  # the benchmark keeps its references
+        assert new.manifest["steps"][-1]["name"] == "distill"
         calls = up.count
         assert calls == len(train_rows)
         code, out, err = run(capsys, *args)  # again: answers come from the cache, same dataset version

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import orjson
 
-from ..datasets.registry import load_split
+from ..datasets.registry import Dataset
 from ..errors import ProtegeError
 from ..ids import uuid7
 from ..jsonsafe import json_safe
@@ -109,7 +109,7 @@ def sample_rows(rows: list[dict], limit: int | None, seed: int = 0) -> list[dict
     return [rows[i] for i in sorted(order[:limit])]
 
 
-def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[str], *,
+def run_bench(store: Store, task: Task, dataset: Dataset, home: Path, specs: list[str], *,
               reference: str | None = None, hardware_usd_per_hour: float = DEFAULT_HARDWARE_USD_PER_HOUR,
               latency_samples: int = 30, limit: int | None = None, prices=None,
               progress: Callable[[str, int], Callable[[int], None]] | None = None,
@@ -119,10 +119,10 @@ def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[s
     reference = reference or specs[0]
     if reference not in specs:
         specs = [reference] + specs
-    rows = sample_rows(load_split(dataset, "test"), limit)
+    rows = sample_rows(dataset.split("test"), limit)
     if not rows:
-        raise ProtegeError(f"dataset {dataset['id']} has no test rows")
-    train = load_split(dataset, "train")
+        raise ProtegeError(f"dataset {dataset.id} has no test rows")
+    train = dataset.split("train")
     refs = [r["reference"] for r in rows]
     metric_names = task.metric_names
     metrics = {m: get_metric(m) for m in metric_names if m != "judge"}
@@ -197,7 +197,7 @@ def run_bench(store: Store, task: Task, dataset: dict, home: Path, specs: list[s
     prices_as_of = None
     if prices is not None and prices.prices:
         prices_as_of = max(p.as_of for p in prices.prices)
-    return BenchReport(task=task.name, dataset=dataset["id"], rows=len(rows), reference=reference,
+    return BenchReport(task=task.name, dataset=dataset.id, rows=len(rows), reference=reference,
                        reference_note=task.reference_note(), hardware_usd_per_hour=hardware_usd_per_hour,
                        prices_as_of=prices_as_of, results=results)
 
@@ -216,7 +216,7 @@ def _store_runs(store, task, dataset, home, results, reference, rows, hw, tag=No
             (folder / "outputs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
             create_run(store, kind="bench", task=task.name, status="done", run_id=r.run_id, conn=conn,
                        config={"candidate": r.spec, "reference": reference, "rows": len(rows),
-                               "hardware_usd_per_hour": hw, "dataset": dataset["id"], "tag": tag},
-                       base_model=r.spec, dataset_id=dataset["id"],
+                               "hardware_usd_per_hour": hw, "dataset": dataset.id, "tag": tag},
+                       base_model=r.spec, dataset_id=dataset.id,
                        metrics={k: json_safe(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
                        outputs_path=str((folder / "outputs.jsonl").resolve()))

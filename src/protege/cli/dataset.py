@@ -62,15 +62,15 @@ def dataset_list(
 
     rows = list_datasets(open_store(ctx), task)
     if as_json:
-        print_json(rows)
+        print_json([r.as_dict() for r in rows])
         return
     t = Table()
     for col in ("id", "created", "train", "validation", "test", "hash"):
         t.add_column(col)
     for r in rows:
-        sz = r["split_sizes"]
-        t.add_row(r["id"], str(r["created_at"])[:19], fmt(sz.get("train")), fmt(sz.get("validation")),
-                  fmt(sz.get("test")), r["content_hash"][:12])
+        sz = r.split_sizes
+        t.add_row(r.id, str(r.created_at)[:19], fmt(sz.get("train")), fmt(sz.get("validation")),
+                  fmt(sz.get("test")), r.content_hash[:12])
     console.print(t)
 
 
@@ -81,10 +81,10 @@ def dataset_show(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """How a dataset was built: each step's counts, PII redactions, leakage check, sizes."""
-    from ..datasets.registry import get_dataset, manifest
+    from ..datasets.registry import get_dataset
 
     ds = get_dataset(open_store(ctx), ref)
-    m = manifest(ds)
+    m = ds.manifest
     if as_json:
         print_json(m)
         return
@@ -94,7 +94,7 @@ def dataset_show(
     for step in m["steps"]:
         removed = f"  -{step['removed']:,}" if step["removed"] else ""
         console.print(f"  {step['name']:<26} {step['kept']:>9,}{removed}  {step['note']}")
-    console.print(f"  files: {ds['path']}")
+    console.print(f"  files: {ds.path}")
 
 
 @dataset_app.command("export")
@@ -111,4 +111,4 @@ def dataset_export(
 
     ds = get_dataset(open_store(ctx), ref)
     sizes = export_dataset(ds, load_task(task_file), out, fmt_)
-    console.print(f"exported {ds['id']} to {out} ({', '.join(f'{k} {v:,}' for k, v in sizes.items())})")
+    console.print(f"exported {ds.id} to {out} ({', '.join(f'{k} {v:,}' for k, v in sizes.items())})")

@@ -187,8 +187,8 @@ def _token_report(task: Task, rows: list[dict], home: Path) -> dict[str, Any] | 
         return None
     from transformers import AutoTokenizer
 
-    from ..models.hf import resolve
-    from ..models.prompting import specialist_messages
+    from ..bases import resolve
+    from ..tasks.prompting import specialist_messages
 
     tok = AutoTokenizer.from_pretrained(resolve(task.tokenizer, home))
     sample = rows[:500]
@@ -212,6 +212,9 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
         if on_step:
             on_step(steps[-1])
 
+    if task.split.test == "reviewed" and test_from is not None:
+        raise ProtegeError(f"task {task.name}: split.test is reviewed (the reviewed traces are the test split); "
+                           "drop --test-from, or set split.test to sample")
     if task.references == "test_file" and test_from is None:
         raise ProtegeError(f"task {task.name} takes its references from a labelled test file: pass --test-from FILE")
     # 1. select
@@ -269,7 +272,15 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
         if not test_rows:
             raise ProtegeError(f"{test_from}: no usable rows for task {task.name}")
 
-    # 3. dedupe (the pool only: a given test file is the benchmark as it is)
+    if task.split.test == "reviewed":
+        test_rows = [ex for ex in pool if ex["has_gold"]]
+        pool = [ex for ex in pool if not ex["has_gold"]]
+        step("reviewed traces to test", len(pool) + len(test_rows), note=f"{len(test_rows):,} reviewed")
+        if not test_rows:
+            raise ProtegeError(f"task {task.name}: split.test is reviewed but no selected trace carries a human "
+                               "correction (feedback.correction)")
+
+    # 3. dedupe (the pool only: a given test file, or the reviewed traces, is the benchmark as it is)
     if task.dedupe.exact:
         seen: dict[str, str] = {}
         kept, conflicts = [], 0
@@ -316,7 +327,7 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
     if test_rows is not None:
         splits["test"] = test_rows
     note = f"{task.split.method}" + (f" by {task.split.group_by}" if task.split.group_by else "") + (
-        f", test from {test_from}" if test_from else "")
+        f", test from {test_from}" if test_from else ", test: the reviewed traces" if task.split.test == "reviewed" else "")
     step("split", sum(len(v) for v in splits.values()), note=note)
     if not splits["test"]:
         raise ProtegeError(f"task {task.name}: the test split is empty; add traces, raise split.test_fraction, "

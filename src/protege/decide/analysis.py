@@ -31,14 +31,14 @@ def decide(store: Store, task: Task, inputs: Inputs, *, dataset: str | None = No
     ds = get_dataset(store, dataset or task.name)
     ev = gather(store, task, ds, inputs, prices=prices, home=home)
     notes = list(ev.notes)
-    curve = latest_curve(store, task.name, ds["id"])
+    curve = latest_curve(store, task.name, ds.id)
     if curve is None:
         notes.append(f"no learning curve yet: run `protege curve {task.path or 'TASK_FILE'} --base MODEL --method M` "
                      "to see whether more traces would help")
     economics = economics_of(ev.candidates, inputs)
     risk = risk_of(ev.candidates, ev.metric)
     verdict, reasons = recommend(ev.candidates, ev.metric, inputs, economics, curve, risk)
-    return Decision(task=task.name, dataset=ds["id"], metric=ev.metric, test_rows=ev.test_rows,
+    return Decision(task=task.name, dataset=ds.id, metric=ev.metric, test_rows=ev.test_rows,
                     reference=ev.reference, inputs=inputs, candidates=ev.candidates, curve=curve,
                     economics=economics, risk=risk, verdict=verdict, reasons=reasons,
                     prices_as_of=ev.prices_as_of, notes=notes)

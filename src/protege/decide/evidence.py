@@ -14,6 +14,7 @@ import orjson
 import sqlalchemy as sa
 
 from ..bench.stats import bootstrap, paired
+from ..datasets.registry import Dataset
 from ..errors import ProtegeError
 from ..runs.registry import RunRecord, list_runs
 from ..tasks.metrics import get_metric, map_labels
@@ -48,16 +49,14 @@ def runs_of(store: Store, task: str, kind: str) -> list[RunRecord]:
     return list_runs(store, task=task, kind=kind, status="done", limit=None)
 
 
-def gather(store: Store, task: Task, ds: dict, inputs: Inputs, *, prices=None,
+def gather(store: Store, task: Task, ds: Dataset, inputs: Inputs, *, prices=None,
            home: Path | None = None) -> Evidence:
     """Every candidate's newest bench on dataset `ds`, rescored on the shared test rows."""
-    from ..datasets.registry import manifest
-
     # a learning curve's benches score its points, not candidates for this decision
     benches = [r for r in runs_of(store, task.name, "bench")
-               if r["dataset_id"] == ds["id"] and (r["config"] or {}).get("tag") != "curve"]
+               if r["dataset_id"] == ds.id and (r["config"] or {}).get("tag") != "curve"]
     if not benches:
-        raise ProtegeError(f"no bench runs for task {task.name} on dataset {ds['id']}: run `protege bench "
+        raise ProtegeError(f"no bench runs for task {task.name} on dataset {ds.id}: run `protege bench "
                            f"{task.path or 'TASK_FILE'} -c REFERENCE -c CANDIDATE ...` first")
     reference = benches[0]["config"]["reference"]
     newest: dict[str, dict] = {}
@@ -82,7 +81,7 @@ def gather(store: Store, task: Task, ds: dict, inputs: Inputs, *, prices=None,
     mapped = {spec: map_labels(task, [o[i]["output"] for i in common])[0] for spec, o in outputs.items()}
 
     trains = {r["id"]: r for r in runs_of(store, task.name, "train")}
-    tokens_report = manifest(ds).get("tokens") or {}
+    tokens_report = ds.manifest.get("tokens") or {}
     model = _trace_model(store, task.name)
     price = prices.lookup(model) if (prices is not None and model) else None
     ref_tokens_out = _mean_tokens(refs, task, home)
@@ -194,7 +193,7 @@ def _mean_tokens(texts: list[str], task: Task, home) -> float | None:
         return None
     from transformers import AutoTokenizer
 
-    from ..models.hf import resolve
+    from ..bases import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve(task.tokenizer, home))
     sample = texts[:500]

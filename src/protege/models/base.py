@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 from urllib.parse import parse_qsl
 
+from ..datasets.registry import Dataset
 from ..errors import ProtegeError
 from ..tasks.spec import Task
 
@@ -37,7 +38,9 @@ class Context:
     """What a candidate may use: the task, the frozen dataset, the user's home folder."""
 
     task: Task
-    dataset: dict
+    dataset: Dataset | None
+    """None where no dataset is at hand (a specialist loaded to serve): backends that need one
+    (knn's index) say so."""
     home: Path
     train: list[dict] = field(default_factory=list)
     prices: Any = None

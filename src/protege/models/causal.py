@@ -32,10 +32,10 @@ from typing import Any
 
 from ..errors import ProtegeError
 from ..tasks.metrics import normalize_text
+from ..tasks.prompting import specialist_messages
 from .base import Context, Prediction, option
 from .hf import cache_keyword, causal_parts, eos_ids, run_decoder
 from .label_trie import LabelTrie, beam_search, tree_inputs
-from .prompting import specialist_messages
 
 SENTINEL = "\ue000"
 
@@ -50,7 +50,7 @@ class CausalLM:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .hf import resolve
+        from ..bases import resolve
 
         self.spec = spec or f"hf:{name}"
         self.ctx = ctx

@@ -25,7 +25,7 @@ class Encoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from .hf import resolve
+        from ..bases import resolve
 
         path = resolve(name, ctx.home)
         self.name = name
@@ -74,7 +74,12 @@ class KNN:
         self.train = self._train_embeddings(ctx)
 
     def _train_embeddings(self, ctx: Context) -> np.ndarray:
-        key = hashlib.sha256(f"{self.encoder.name}|{ctx.dataset['content_hash']}".encode()).hexdigest()[:24]
+        # keyed on what is embedded (not the dataset id): a subset, or train rows given
+        # without a dataset, never reuse another set's vectors
+        digest = hashlib.sha256(self.encoder.name.encode())
+        for r in ctx.train:
+            digest.update(b"\0" + r["input"].encode())
+        key = digest.hexdigest()[:24]
         path = ctx.home / "cache" / "embeddings" / f"{key}.npy"
         if path.exists():
             emb = np.load(path)

@@ -25,8 +25,8 @@ from pathlib import Path
 import orjson
 
 from ..errors import ProtegeError
-from ..models.prompting import specialist_messages
 from ..tasks.metrics import normalize_text
+from ..tasks.prompting import specialist_messages
 from ..traces import normalize
 from .base import Context, Prediction, option
 

@@ -26,15 +26,15 @@ from ..tasks.spec import Task
 def calibrate(store, task: Task, home: Path, run: str, *, target: float, fallback_quality: float = 1.0,
               dataset: str | None = None, limit: int | None = None) -> dict:
     from ..bench.run import sample_rows
-    from ..datasets.registry import get_dataset, load_split
+    from ..datasets.registry import get_dataset
     from ..models.base import Context
     from ..models.registry import build_candidate
     from ..tasks.metrics import map_labels
 
     ds = get_dataset(store, dataset or task.name)
-    rows = sample_rows(load_split(ds, "validation"), limit)
+    rows = sample_rows(ds.split("validation"), limit)
     if not rows:
-        raise ProtegeError(f"dataset {ds['id']} has no validation rows to calibrate on")
+        raise ProtegeError(f"dataset {ds.id} has no validation rows to calibrate on")
     spec = run if run.startswith("run:") else f"run:{run}"
     cand = build_candidate(spec, Context(task=task, dataset=ds, home=Path(home), store=store))
     try:
@@ -63,7 +63,7 @@ def calibrate(store, task: Task, home: Path, run: str, *, target: float, fallbac
                   "cascade_quality": fallback_quality})
     reaching = [c for c in curve if c["cascade_quality"] >= target]
     pick = reaching[0] if reaching else None  # curve runs from full coverage down: the first is the lowest threshold
-    return {"run": spec, "dataset": ds["id"], "rows": n, "metric": metric.name, "target": target,
+    return {"run": spec, "dataset": ds.id, "rows": n, "metric": metric.name, "target": target,
             "fallback_quality": fallback_quality, "specialist_alone": float(scores.mean()),
             "threshold": pick["threshold"] if pick else None, "coverage": pick["coverage"] if pick else None,
             "cascade_quality": pick["cascade_quality"] if pick else None, "curve": curve}

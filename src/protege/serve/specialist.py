@@ -25,16 +25,16 @@ def load_specialist(target: str, store, home, task_file: str | None = None, opti
     if task_file is None and run is not None:
         task_file = run["config"].get("task_file") or None
         if not task_file and run.get("dataset_id"):
-            from ..datasets.registry import get_dataset, manifest
+            from ..datasets.registry import get_dataset
 
-            task_file = manifest(get_dataset(store, run["dataset_id"])).get("task_file")
+            task_file = get_dataset(store, run["dataset_id"]).manifest.get("task_file")
     if not task_file or not Path(task_file).exists():
         raise ProtegeError(f"{target}: cannot find the task file it was trained for ({task_file or 'not recorded'}); "
                            "pass --task TASK_FILE")
     task = load_task(task_file)
     if meta.get("task") and meta["task"] != task.name:
         raise ProtegeError(f"{target} was trained for task {meta['task']!r}, not {task.name!r}")
-    ctx = Context(task=task, dataset={}, home=Path(home), store=store)
+    ctx = Context(task=task, dataset=None, home=Path(home), store=store)
     run_id = meta.get("run_id") or (run or {}).get("id")
     cand = specialist(folder, meta, run_id, dict(options or {}), ctx)
     name = f"protege-{task.name}-{(run_id or folder.name)[:13]}" + (

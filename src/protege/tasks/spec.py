@@ -96,6 +96,10 @@ class Split(_Strict):
     group_by: str | None = None
     """A trace metadata key (e.g. dialog_id): rows sharing its value stay in one split, so
     turns of one conversation never sit on both sides of the benchmark."""
+    test: Literal["sample", "reviewed"] = "sample"
+    """sample: the test split is drawn (test_fraction) from the rows that carry a human
+    correction. reviewed (with `references: feedback`): every reviewed trace is the test
+    split and none of them trains; the unreviewed traces train."""
 
     @model_validator(mode="after")
     def _fractions(self):
@@ -168,6 +172,8 @@ class Task(_Strict):
             problems.append("extraction needs `schema` or `schema_file` (a JSON schema of the output)")
         if self.split.group_by and self.split.method == "stratified":
             problems.append("split.group_by works with method random or temporal, not stratified")
+        if self.split.test == "reviewed" and self.references != "feedback":
+            problems.append("split.test reviewed needs `references: feedback` (the review is the trace feedback)")
         if self.split.method == "stratified" and self.kind != "classification":
             problems.append("split.method stratified needs kind classification; use random or temporal")
         if problems:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ..datasets.registry import Dataset
 from ..errors import ProtegeError
 from ..runs.registry import get_run, update_run
 from ..tasks.spec import Task
@@ -26,7 +27,7 @@ from .loop import run_loop
 from .runs import start_training_run
 
 
-def build_job(store: Store, task: Task, dataset: dict, home: Path, base: str, method: str, recipe, folder: Path,
+def build_job(store: Store, task: Task, dataset: Dataset, home: Path, base: str, method: str, recipe, folder: Path,
               run_id: str, train_fraction: float | None) -> Job:
     """The `Job` of `method`; each method's module is imported only when it runs (torch, transformers)."""
     if base.startswith("run:"):  # start from a finished run's model (e.g. GRPO on top of SFT)
@@ -49,7 +50,7 @@ def build_job(store: Store, task: Task, dataset: dict, home: Path, base: str, me
     raise ProtegeError(f"unknown method {method!r}; choose one of: {', '.join(RECIPES)}")
 
 
-def train(store: Store, task: Task, dataset: dict, home: Path, base: str, method: str, recipe, *,
+def train(store: Store, task: Task, dataset: Dataset, home: Path, base: str, method: str, recipe, *,
           time_budget_min: float | None = None, console=None, train_fraction: float | None = None,
           on_step: Callable[[int], None] | None = None, prices=None) -> str:
     """Train a specialist; returns the run id (bench it as run:RUN_ID)."""
@@ -108,14 +109,14 @@ def _run(store, task, dataset, home, base, method, recipe, run_id, *, time_budge
         raise
 
 
-def distill_dataset(store: Store, task: Task, dataset: dict, home: Path, teacher: str | None, *, console=None,
-                    dist: Dist | None = None, prices=None) -> dict:
+def distill_dataset(store: Store, task: Task, dataset: Dataset, home: Path, teacher: str | None, *, console=None,
+                    dist: Dist | None = None, prices=None) -> Dataset:
     """A new dataset version whose train references are the teacher's answers (validation
     and test keep theirs: the benchmark still measures against the reference). The teacher
     is any candidate spec, usually `openai:MODEL@URL`; its answers go through the bench's
     response cache, so a second run pays nothing."""
     from ..datasets.build import Step, freeze_splits
-    from ..datasets.registry import get_dataset, load_split, manifest
+    from ..datasets.registry import get_dataset
     from ..models.base import Context
     from ..models.registry import build_candidate
 
@@ -124,7 +125,7 @@ def distill_dataset(store: Store, task: Task, dataset: dict, home: Path, teacher
                            "teacher=openai:gpt-4o-mini@https://api.openai.com/v1)")
     dist = dist or Dist()
     if dist.main:
-        train = load_split(dataset, "train")
+        train = dataset.split("train")
         ctx = Context(task=task, dataset=dataset, home=home, train=train, prices=prices, store=store)
         cand = build_candidate(teacher, ctx)
         try:
@@ -141,12 +142,12 @@ def distill_dataset(store: Store, task: Task, dataset: dict, home: Path, teacher
             raise ProtegeError(f"teacher {teacher} answered none of the {len(train)} train inputs: {first}")
         relabelled = [{**row, "reference": p.output.strip(), "output": p.output.strip(), "teacher": teacher}
                       for row, p in zip(train, preds) if not p.error and (p.output or "").strip()]
-        m = manifest(dataset)
+        m = dataset.manifest
         steps = [Step(**s) for s in m["steps"]] + [Step("distill", len(relabelled), failed,
                                                         f"train references relabelled by {teacher} "
-                                                        f"(from {dataset['id']})")]
-        result = freeze_splits(store, task, home, {"train": relabelled, "validation": load_split(dataset, "validation"),
-                                                   "test": load_split(dataset, "test")},
+                                                        f"(from {dataset.id})")]
+        result = freeze_splits(store, task, home, {"train": relabelled, "validation": dataset.split("validation"),
+                                                   "test": dataset.split("test")},
                                steps=steps, pii_counts=m.get("pii", {}), leakage=m.get("leakage", {}),
                                test_from=m.get("test_from"))
         ref = result.id

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import torch
 
+from ..datasets.registry import Dataset
 from ..errors import ProtegeError
 from ..fsutil import folder_in_place
 from ..tasks.spec import Task
@@ -101,22 +102,21 @@ class ClassifierJob:
 
     unit = "ex"
 
-    def __init__(self, task: Task, dataset: dict, home: Path, base: str, recipe: ClassifierRecipe, folder: Path,
+    def __init__(self, task: Task, dataset: Dataset, home: Path, base: str, recipe: ClassifierRecipe, folder: Path,
                  run_id: str, *, train_fraction: float | None = None):
         if task.kind != "classification":
             raise ProtegeError(f"method classifier trains classification tasks; task {task.name} is {task.kind}")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from ..datasets.registry import load_split
-        from ..models.hf import resolve
+        from ..bases import resolve
 
         labels = list(task.labels)
         label2id = {label: i for i, label in enumerate(labels)}
-        train = nested_subset([r for r in load_split(dataset, "train") if r["reference"] in label2id],
+        train = nested_subset([r for r in dataset.split("train") if r["reference"] in label2id],
                               train_fraction)
-        val = [r for r in load_split(dataset, "validation") if r["reference"] in label2id]
+        val = [r for r in dataset.split("validation") if r["reference"] in label2id]
         if not train:
-            raise ProtegeError(f"dataset {dataset['id']} has no train rows")
+            raise ProtegeError(f"dataset {dataset.id} has no train rows")
         torch.manual_seed(recipe.seed)
         path = resolve(base, home)
         try:
@@ -185,11 +185,11 @@ def _save(model, tokenizer, path: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def _model_card(folder: Path, task: Task, dataset: dict, base: str, recipe, metrics: dict, run_id: str) -> None:
+def _model_card(folder: Path, task: Task, dataset: Dataset, base: str, recipe, metrics: dict, run_id: str) -> None:
     write_model_card(
         folder, title=f"{task.name} classifier ({run_id})",
-        intro=(f"Fine-tuned by protege from `{base}` on dataset `{dataset['id']}` "
-               f"(hash `{dataset['content_hash'][:16]}`): {metrics['train_rows']:,} train rows, "
+        intro=(f"Fine-tuned by protege from `{base}` on dataset `{dataset.id}` "
+               f"(hash `{dataset.content_hash[:16]}`): {metrics['train_rows']:,} train rows, "
                f"{metrics['validation_rows']:,} validation rows."),
         best_label="best validation accuracy", metrics=metrics, recipe=recipe,
         usage=("Load it with `transformers.pipeline(\"text-classification\", model=THIS_FOLDER)` or bench it as "

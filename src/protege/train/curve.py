@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..datasets.registry import Dataset
 from ..errors import ProtegeError
 from ..runs.registry import create_run, get_run, list_runs
 from ..tasks.spec import Task
@@ -40,7 +41,7 @@ def reusable_run(store: Store, task: str, dataset_id: str, base: str, method: st
     return None
 
 
-def learning_curve(store: Store, task: Task, dataset: dict, home: Path, base: str, method: str, recipe,
+def learning_curve(store: Store, task: Task, dataset: Dataset, home: Path, base: str, method: str, recipe,
                    fractions: list[float], *, limit: int | None = None, console=None, on_point=None) -> dict:
     from ..bench.run import run_bench
     from .api import train
@@ -48,7 +49,7 @@ def learning_curve(store: Store, task: Task, dataset: dict, home: Path, base: st
     metric = task.metric_names[0]
     points = []
     for fraction in fractions:
-        run_id = reusable_run(store, task.name, dataset["id"], base, method, recipe, fraction) or \
+        run_id = reusable_run(store, task.name, dataset.id, base, method, recipe, fraction) or \
             train(store, task, dataset, home, base, method, recipe, console=console, train_fraction=fraction)
         run = get_run(store, run_id)
         report = run_bench(store, task, dataset, home, [f"run:{run_id}"], limit=limit, latency_samples=1,
@@ -62,6 +63,6 @@ def learning_curve(store: Store, task: Task, dataset: dict, home: Path, base: st
             on_point(point)
     curve_id = create_run(store, kind="curve", task=task.name, status="done",
                           config={"method": method, "base": base, "fractions": fractions,
-                                  "recipe": recipe.model_dump(), "dataset": dataset["id"], "test_rows": limit},
-                          base_model=base, dataset_id=dataset["id"], metrics={"metric": metric, "points": points})
+                                  "recipe": recipe.model_dump(), "dataset": dataset.id, "test_rows": limit},
+                          base_model=base, dataset_id=dataset.id, metrics={"metric": metric, "points": points})
     return {"id": curve_id, "metric": metric, "points": points}

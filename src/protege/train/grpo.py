@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..datasets.registry import Dataset
 from ..errors import ProtegeError
 from ..models.hf import eos_ids
-from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric, normalize_text
+from ..tasks.prompting import specialist_messages
 from ..tasks.spec import Task
 from .common import nested_subset
 from .job import trainable
@@ -126,9 +127,8 @@ class GRPOJob:
 
     unit = "completion"
 
-    def __init__(self, task: Task, dataset: dict, home: Path, base: str, recipe: GRPORecipe, folder: Path,
+    def __init__(self, task: Task, dataset: Dataset, home: Path, base: str, recipe: GRPORecipe, folder: Path,
                  run_id: str, *, train_fraction: float | None = None):
-        from ..datasets.registry import load_split
 
         if recipe.strategy == "fsdp":
             from .recipe import RecipeError
@@ -136,10 +136,10 @@ class GRPOJob:
             raise RecipeError("recipe key strategy: grpo runs with ddp only (each process samples its own "
                               "completions, so sharded forwards would fall out of step)")
         reward_name, reward = reward_function(task, recipe.reward)
-        train = nested_subset([r for r in load_split(dataset, "train") if r.get("reference")], train_fraction)
-        self.val = load_split(dataset, "validation")[:recipe.eval_rows]
+        train = nested_subset([r for r in dataset.split("train") if r.get("reference")], train_fraction)
+        self.val = dataset.split("validation")[:recipe.eval_rows]
         if not train:
-            raise ProtegeError(f"dataset {dataset['id']} has no train rows with a reference to reward against")
+            raise ProtegeError(f"dataset {dataset.id} has no train rows with a reference to reward against")
         self.task, self.dataset, self.home, self.base, self.recipe = task, dataset, home, base, recipe
         self.folder, self.run_id = folder, run_id
         torch.manual_seed(recipe.seed)

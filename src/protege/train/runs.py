@@ -11,6 +11,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from ..datasets.registry import Dataset
 from ..ids import uuid7
 from ..runs.registry import create_run
 from ..traces.store import Store
@@ -37,17 +38,17 @@ def environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "packages": versions, "hardware": hw}
 
 
-def start_training_run(store: Store, home, *, task: str, dataset: dict, base: str, method: str, recipe,
+def start_training_run(store: Store, home, *, task: str, dataset: Dataset, base: str, method: str, recipe,
                        time_budget_min: float | None, train_fraction: float | None, extra: dict | None = None):
     """Record a running training run with its full resolved config; returns (run id, its folder)."""
     from pathlib import Path
 
-    config = {"method": method, "recipe": recipe.model_dump(), "base": base, "dataset": dataset["id"],
-              "dataset_hash": dataset["content_hash"], "time_budget_min": time_budget_min,
+    config = {"method": method, "recipe": recipe.model_dump(), "base": base, "dataset": dataset.id,
+              "dataset_hash": dataset.content_hash, "time_budget_min": time_budget_min,
               "train_fraction": train_fraction, "environment": environment(), **(extra or {})}
     run_id = uuid7()
     folder = Path(home) / "runs" / run_id
     folder.mkdir(parents=True, exist_ok=True)
     create_run(store, kind="train", task=task, config=config, run_id=run_id, base_model=base,
-               dataset_id=dataset["id"], metrics={}, checkpoint_path=str((folder / "model").resolve()))
+               dataset_id=dataset.id, metrics={}, checkpoint_path=str((folder / "model").resolve()))
     return run_id, folder

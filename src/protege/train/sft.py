@@ -24,11 +24,12 @@ from pathlib import Path
 import orjson
 import torch
 
+from ..datasets.registry import Dataset
 from ..errors import ProtegeError
 from ..fsutil import folder_in_place
 from ..models.hf import cache_keyword, causal_parts, run_decoder
-from ..models.prompting import specialist_messages
 from ..tasks.metrics import get_metric
+from ..tasks.prompting import specialist_messages
 from ..tasks.spec import Task
 from .common import nested_subset, write_model_card
 from .distributed import train_device
@@ -63,7 +64,7 @@ def validation_score(model, tokenizer, task: Task, rows: list[dict], home: Path,
     model.eval()
     mode = "constrained" if task.kind == "classification" else "generate"
     lm = CausalLM("(training)", {"mode": mode, "instructed": "0", "max_new_tokens": str(max_new_tokens)},
-                  Context(task=task, dataset={}, home=home), model=model, tokenizer=tokenizer)
+                  Context(task=task, dataset=None, home=home), model=model, tokenizer=tokenizer)
     preds = [p.output for p in lm.predict(rows)]
     model.train()
     return get_metric(task.metric_names[0]).score(preds, [r["reference"] for r in rows])
@@ -76,14 +77,13 @@ class SFTJob:
 
     unit = "tok"
 
-    def __init__(self, task: Task, dataset: dict, home: Path, base: str, recipe: SFTRecipe, folder: Path,
+    def __init__(self, task: Task, dataset: Dataset, home: Path, base: str, recipe: SFTRecipe, folder: Path,
                  run_id: str, *, method: str, train_fraction: float | None = None, card_method: str | None = None):
-        from ..datasets.registry import load_split
 
-        train = nested_subset(load_split(dataset, "train"), train_fraction)
-        self.val = load_split(dataset, "validation")[:recipe.eval_rows]
+        train = nested_subset(dataset.split("train"), train_fraction)
+        self.val = dataset.split("validation")[:recipe.eval_rows]
         if not train:
-            raise ProtegeError(f"dataset {dataset['id']} has no train rows")
+            raise ProtegeError(f"dataset {dataset.id} has no train rows")
         self.task, self.dataset, self.home, self.base, self.recipe = task, dataset, home, base, recipe
         self.folder, self.run_id, self.method = folder, run_id, method
         self.card_method = card_method or method
@@ -123,7 +123,7 @@ class SFTJob:
         return load_causal(self.base, self.home, self.method, self.recipe, device="cpu")[0]
 
 
-def sft_job(task: Task, dataset: dict, home: Path, base: str, recipe: SFTRecipe, folder: Path, run_id: str, *,
+def sft_job(task: Task, dataset: Dataset, home: Path, base: str, recipe: SFTRecipe, folder: Path, run_id: str, *,
             method: str, train_fraction: float | None = None, card_method: str | None = None) -> SFTJob:
     """The SFT job, for scripts that build one by hand (benchmarks/train_vs_trl.py)."""
     return SFTJob(task, dataset, home, base, recipe, folder, run_id, method=method, train_fraction=train_fraction,
@@ -135,7 +135,7 @@ def load_causal(base: str, home: Path, method: str, recipe: SFTRecipe, device=No
     (default: this process's training device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.hf import resolve
+    from ..bases import resolve
 
     path = resolve(base, home)
     try:
@@ -228,7 +228,7 @@ class CompletionLoss(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum") * weight
 
 
-def export_causal(model, tokenizer, folder: Path, *, weights: str, method: str, task: Task, dataset: dict,
+def export_causal(model, tokenizer, folder: Path, *, weights: str, method: str, task: Task, dataset: Dataset,
                   base: str, recipe, metrics: dict, run_id: str) -> Path:
     """`folder/model/`: the merged model (and `folder/adapter/` when `weights` is lora), its
     protege.json recording `method`, and the model card. Every causal-LM method exports this way."""
@@ -253,12 +253,12 @@ def _save_merged(model, tokenizer, folder: Path, method: str) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def _model_card(folder: Path, task: Task, dataset: dict, base: str, method: str, recipe, metrics: dict,
+def _model_card(folder: Path, task: Task, dataset: Dataset, base: str, method: str, recipe, metrics: dict,
                 run_id: str) -> None:
     write_model_card(
         folder, title=f"{task.name} specialist ({method}, run {run_id})",
-        intro=(f"Fine-tuned by protege from `{base}` on dataset `{dataset['id']}` (hash "
-               f"`{dataset['content_hash'][:16]}`), {metrics['train_rows']:,} train rows."),
+        intro=(f"Fine-tuned by protege from `{base}` on dataset `{dataset.id}` (hash "
+               f"`{dataset.content_hash[:16]}`), {metrics['train_rows']:,} train rows."),
         best_label=f"best validation {metrics['metric']} ({metrics['validation_rows_scored']} rows)",
         metrics=metrics, recipe=recipe,
         usage=("The prompt it expects is the task's own (system prompt and template in the task file). "

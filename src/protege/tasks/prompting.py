@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ..tasks.spec import Task
+from .spec import Task
 
 
 def instructions(task: Task) -> str:
