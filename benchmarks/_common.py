@@ -73,8 +73,9 @@ def fmt(value) -> str:
 
 
 def prepare(example: Path, task_name: str, home: str | None, prefix: str):
-    """A fresh home with the example's traces imported and its dataset built (the test file
-    as the benchmark): (store, task, dataset, home)."""
+    """A fresh home with the example's trace files imported and its dataset built, as its
+    README does (`test.jsonl.gz`, where there is one, is the benchmark file):
+    (store, task, dataset, home)."""
     import tempfile
 
     from protege.datasets.build import build_dataset
@@ -85,7 +86,11 @@ def prepare(example: Path, task_name: str, home: str | None, prefix: str):
 
     home_path = Path(home or tempfile.mkdtemp(prefix=prefix))
     store = Store(f"sqlite:///{home_path / 'protege.db'}")
-    import_file(store, example / "traces.jsonl.gz", ImportOptions(task=task_name))
+    test_file = example / "test.jsonl.gz"
+    for path in sorted(example.glob("*.jsonl.gz")):
+        if path != test_file:
+            import_file(store, path, ImportOptions(task=task_name))
     task = load_task(example / "task.yaml")
-    ds = get_dataset(store, build_dataset(store, task, home_path, test_from=example / "test.jsonl.gz").id)
+    built = build_dataset(store, task, home_path, test_from=test_file if test_file.exists() else None)
+    ds = get_dataset(store, built.id)
     return store, task, ds, home_path

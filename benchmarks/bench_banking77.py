@@ -50,9 +50,10 @@ def main() -> None:
 
     home = Path(args.home or tempfile.mkdtemp(prefix="protege-bench-"))
     store = Store(f"sqlite:///{home / 'protege.db'}")
-    import_file(store, EX / "traces.jsonl.gz", ImportOptions(task="banking77"))
+    for name in ("tickets.jsonl.gz", "gpt4_calls.jsonl.gz"):
+        import_file(store, EX / name, ImportOptions(task="banking77"))
     task = load_task(EX / "task.yaml")
-    built = build_dataset(store, task, home, test_from=EX / "test.jsonl.gz")
+    built = build_dataset(store, task, home)
     ds = get_dataset(store, built.id)
     console.print(f"dataset {built.id}: {built.sizes}")
 

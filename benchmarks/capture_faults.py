@@ -370,9 +370,10 @@ def train_tiny_specialist(tmp: Path, db: str) -> tuple[str, str]:
     examples = Path(__file__).resolve().parent.parent / "examples" / "banking77"
     home = Path(tempfile.mkdtemp(prefix="serve-home-", dir=tmp))
     store = Store(db)
-    import_file(store, examples / "traces.jsonl.gz", ImportOptions(task="banking77"))
+    for name in ("tickets.jsonl.gz", "gpt4_calls.jsonl.gz"):
+        import_file(store, examples / name, ImportOptions(task="banking77"))
     task = load_task(examples / "task.yaml")
-    ds = get_dataset(store, build_dataset(store, task, home, test_from=examples / "test.jsonl.gz").id)
+    ds = get_dataset(store, build_dataset(store, task, home).id)
     tok = AutoTokenizer.from_pretrained(minilm_path())
     base = home / "tiny-bert"
     BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -31,7 +31,7 @@ from protege.prices import cached_prices
 from protege.traces.importers import ImportOptions, import_file
 from protege.traces.store import Store
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "banking77" / "traces.jsonl.gz"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "banking77" / "tickets.jsonl.gz"
 SYSTEM = "Classify the customer's message as one of 77 banking intents. Answer with the intent name only."
 PG_URL = "postgresql://root@127.0.0.1:5432/test"
 PG_SCHEMA = "bench_ingest"

@@ -69,7 +69,7 @@ def take(path: Path, per_label: int) -> list[dict]:
     with gzip.open(path, "rt") as fh:
         for line in fh:
             row = json.loads(line)
-            label = row["messages"][-1]["content"]
+            label = (row.get("feedback") or {}).get("correction") or row["messages"][-1]["content"]
             if label in LABELS and counts[label] < per_label:
                 counts[label] += 1
                 out.append(row)
@@ -79,9 +79,9 @@ def take(path: Path, per_label: int) -> list[dict]:
 def make_banking(store, tmp_path, home):
     """A six-intent slice of BANKING77, imported and built into a dataset like a user would."""
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "traces.jsonl.gz", 20)))
+    train.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "tickets.jsonl.gz", 20)))
     test = tmp_path / "test.jsonl"
-    test.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "test.jsonl.gz", 4)))
+    test.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "gpt4_calls.jsonl.gz", 4)))
     import_file(store, train, ImportOptions(task="bank6"))
     task_path = tmp_path / "task.yaml"
     task_path.write_text(f"""# protege bench task.yaml -c replay

@@ -18,6 +18,7 @@ from protege.decide.analysis import Inputs, decide
 from protege.decide.curve_fit import fit_power_law, rows_to_reach
 from protege.decide.report import markdown
 from protege.ids import uuid7
+from protege.tasks.spec import load_task
 from protege.traces import schema
 
 
@@ -71,17 +72,19 @@ def plant_curve(store, task, ds, points: list[tuple[int, float]]) -> None:
 
 
 def plant_not_yet(store, tmp_path, home):
-    """A specialist 5 rows short of a perfect reference, a weak knn, and a curve whose error
-    halves with each 4x of data: 0.32 at 100 rows, 0.16 at 400, 0.08 at 1,600."""
+    """GPT-4 (replay) wrong on one of the n test rows, against the human labels; a specialist
+    5 rows short of all right, a weak knn, and a curve whose error halves with each 4x of
+    data: 16/24 at 100 rows, 8/24 at 400, 4/24 at 1,600."""
     task, ds = make_banking(store, tmp_path, home)
     n = len(ds.split("test"))
+    assert n == 24
     spec_run = plant_train(store, task, ds, wall_s=600)
     plant_bench(store, home, task, ds, "knn:minilm", correct=n // 3, kind="local", p50=5, p95=8, throughput=200,
                 cost=0.14)
     plant_bench(store, home, task, ds, f"run:{spec_run}", correct=n - 5, kind="local", p50=6, p95=9, throughput=10,
                 cost=2.78)
-    plant_bench(store, home, task, ds, "replay", correct=n, kind="recorded", cost=500.0)
-    plant_curve(store, task, ds, [(100, 0.68), (400, 0.84), (1600, 0.92)])
+    plant_bench(store, home, task, ds, "replay", correct=n - 1, kind="recorded", cost=500.0)
+    plant_curve(store, task, ds, [(100, 1 - 16 / 24), (400, 1 - 8 / 24), (1600, 1 - 4 / 24)])
     return task, ds
 
 
@@ -93,10 +96,12 @@ def test_train_when_the_specialist_matches_the_reference_and_pays_back(sqlite_st
                 throughput=200, cost=0.14)
     plant_bench(sqlite_store, home, task, ds, f"run:{spec_run}", correct=n, kind="local", p50=6, p95=9,
                 throughput=10, cost=2.78)
-    plant_bench(sqlite_store, home, task, ds, "replay", correct=n, kind="recorded", cost=500.0)
+    plant_bench(sqlite_store, home, task, ds, "replay", correct=n - 1, kind="recorded", cost=500.0)
     d = decide(sqlite_store, task, Inputs(monthly_requests=1_000_000, hardware_usd_per_hour=0.10))
-    assert d.verdict == "TRAIN", d.reasons
+    assert (d.verdict, d.run, d.reference_status, d.warnings) == ("TRAIN", f"run:{spec_run}", "measured", []), d.reasons
     assert [c.role for c in d.candidates] == ["reference", "specialist", "baseline"]
+    assert d.reasons[0].startswith(f"run:{spec_run} scores 100.0% accuracy") and "no worse than the reference" in \
+        d.reasons[0]
     e = d.economics["specialists"][f"run:{spec_run}"]
     # by hand: one always-on machine is 0.10 USD/h x 730 h = 73 USD a month; the API costs
     # 500 USD / 1M = 0.0005 USD a request, so 73 / 0.0005 = 146,000 requests a month break even
@@ -109,9 +114,10 @@ def test_train_when_the_specialist_matches_the_reference_and_pays_back(sqlite_st
     assert e["training_cost_usd"] == pytest.approx(0.10)  # one hour of training at 0.10 USD/h
     assert e["payback_months"] == pytest.approx(0.10 / 427.0)
     assert any("146,000 requests a month" in r for r in d.reasons)
-    # too little volume: one machine costs more than the API bill, it never pays back
+    # too little volume: one machine costs more than the API bill, it never pays back: keep GPT-4
     low = decide(sqlite_store, task, Inputs(monthly_requests=10_000))
-    assert low.verdict == "DON'T TRAIN" and math.isinf(low.economics["specialists"][f"run:{spec_run}"]["payback_months"])
+    assert (low.verdict, low.run) == ("KEEP", "replay")
+    assert math.isinf(low.economics["specialists"][f"run:{spec_run}"]["payback_months"])
     assert any("never pays back" in r for r in low.reasons)
     # the API's latency is unknown for imported traces, and said so
     ref = next(c for c in d.candidates if c.role == "reference")
@@ -125,22 +131,48 @@ def test_train_when_the_specialist_matches_the_reference_and_pays_back(sqlite_st
     assert next(c for c in valued.candidates if c.role == "reference").tfp["value"] is None  # no token counts
 
 
+def test_train_on_the_evidence_when_a_specialist_beats_a_measured_frontier(sqlite_store, tmp_path, home):
+    """GPT-4 right on 16 of 24 rows against the human labels, the specialist on all 24: the
+    paired difference is +33.3 points and its CI excludes zero, so the reason says it beats it."""
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    spec_run = plant_train(sqlite_store, task, ds, wall_s=600)
+    plant_bench(sqlite_store, home, task, ds, f"run:{spec_run}", correct=24, kind="local", p50=6, p95=9,
+                throughput=10, cost=2.78)
+    plant_bench(sqlite_store, home, task, ds, "knn:minilm", correct=20, kind="local", p50=5, p95=8, throughput=200,
+                cost=0.14)
+    plant_bench(sqlite_store, home, task, ds, "replay", correct=16, kind="recorded", cost=500.0)
+    d = decide(sqlite_store, task, Inputs())
+    assert (d.verdict, d.run) == ("TRAIN", f"run:{spec_run}"), d.reasons
+    spec = next(c for c in d.candidates if c.role == "specialist")
+    diff = spec.paired["accuracy"]
+    assert diff["difference"] == pytest.approx(8 / 24) and diff["ci95"][0] > 0
+    assert d.reasons[0] == (f"run:{spec_run} scores 100.0% accuracy (95% CI 100.0%–100.0%) against 66.7% for replay: "
+                            f"it beats it by +33.3 points (paired 95% CI {100 * diff['ci95'][0]:+.1f} to "
+                            f"{100 * diff['ci95'][1]:+.1f}), both measured against the same human labels.")
+    # 0.10 USD/h / (10 requests/s x 3600) = 2.78 USD per 1M requests; the reference 500
+    assert d.reasons[1].startswith("It costs $2.78 per 1M requests at full load against $500 for replay (planted).")
+    # knn beats GPT-4 too, with no training: named as the alternative
+    assert any(r.startswith("knn:minilm needs no training and also meets the bar at 83.3%") for r in d.reasons)
+    assert "— run run:" in markdown(d)
+
+
 def test_not_yet_when_the_curve_says_more_traces_close_the_gap(sqlite_store, tmp_path, home):
     task, ds = plant_not_yet(sqlite_store, tmp_path, home)
-    d = decide(sqlite_store, task, Inputs(tolerance=0.04))
-    # within 4 points of the reference: error 0.04 = 0.08 / 2 -> 4x the data, 6,400 rows
-    assert d.verdict == "NOT YET", d.reasons
-    assert any("about 6,4" in r and "more than the 1,600 used" in r for r in d.reasons), d.reasons
+    d = decide(sqlite_store, task, Inputs(tolerance=1 / 24))
+    # the bar is GPT-4's 23/24 less 1/24 = 22/24: error 2/24 = (4/24) / 2 -> 4x the data, 6,400 rows
+    assert (d.verdict, d.run) == ("NOT YET", "replay"), d.reasons
+    assert any("about 6,4" in r and "more than the 1,600 used" in r and "collect" in r for r in d.reasons), d.reasons
     fit = d.curve.fit
     assert fit["b"] == pytest.approx(0.5, abs=0.01)
-    need = rows_to_reach(fit, 0.98)  # error 0.02 = 0.08 / 4 -> 16x the data of 1,600 -> 25,600 rows
-    assert need["rows"] == pytest.approx(25_600, rel=0.05) and need["more"] == pytest.approx(24_000, rel=0.06)
+    need = rows_to_reach(fit, 0.98)  # error 0.02 = (16/24 x 10) / sqrt(n) -> n = 111,111
+    assert need["rows"] == pytest.approx(111_111, rel=0.05) and need["more"] == pytest.approx(109_511, rel=0.06)
     assert fit["at_2x"]["ci95"][0] <= fit["at_2x"]["value"] <= fit["at_2x"]["ci95"][1]
-    # 2 points of tolerance needs 16x the data: beyond what the curve can promise (10x), so no
-    assert decide(sqlite_store, task, Inputs(tolerance=0.02)).verdict == "DON'T TRAIN"
+    # no tolerance: error 1/24 needs 16x the data, beyond what the curve can promise (10x): keep GPT-4
+    keep = decide(sqlite_store, task, Inputs(tolerance=0.0))
+    assert keep.verdict == "KEEP" and any("short of" in r for r in keep.reasons), keep.reasons
 
 
-def test_dont_train_when_a_cheap_baseline_suffices_or_the_frontier_wins(sqlite_store, tmp_path, home):
+def test_switch_when_a_cheap_baseline_suffices_keep_when_the_frontier_wins(sqlite_store, tmp_path, home):
     task, ds = make_banking(sqlite_store, tmp_path, home)
     n = len(ds.split("test"))
     spec_run = plant_train(sqlite_store, task, ds, wall_s=600)
@@ -148,9 +180,12 @@ def test_dont_train_when_a_cheap_baseline_suffices_or_the_frontier_wins(sqlite_s
                 throughput=10, cost=2.78)
     plant_bench(sqlite_store, home, task, ds, "knn:minilm", correct=n, kind="local", p50=5, p95=8, throughput=200,
                 cost=0.14)
-    plant_bench(sqlite_store, home, task, ds, "replay", correct=n, kind="recorded", cost=500.0)
+    plant_bench(sqlite_store, home, task, ds, "replay", correct=n - 1, kind="recorded", cost=500.0)
     d = decide(sqlite_store, task, Inputs())
-    assert d.verdict == "DON'T TRAIN" and "knn:minilm already scores 100.0%" in d.reasons[0]
+    # as good as the specialist, no training: the tie goes to the baseline
+    assert (d.verdict, d.run) == ("SWITCH", "knn:minilm"), d.reasons
+    assert d.reasons[0].startswith("knn:minilm scores 100.0% accuracy (95% CI 100.0%–100.0%) against 95.8% for replay")
+    assert d.reasons[1].startswith("It costs $0.14 per 1M requests at full load against $500 for replay")
     assert d.risk["level"] == "high"
 
     # a fresh bench where the specialist trails far behind and the curve is flat
@@ -158,15 +193,16 @@ def test_dont_train_when_a_cheap_baseline_suffices_or_the_frontier_wins(sqlite_s
                 throughput=10, cost=2.78)
     plant_bench(sqlite_store, home, task, ds, "knn:minilm", correct=n // 4, kind="local", p50=5, p95=8,
                 throughput=200, cost=0.14)
-    plant_bench(sqlite_store, home, task, ds, "replay", correct=n, kind="recorded", cost=500.0)
+    plant_bench(sqlite_store, home, task, ds, "replay", correct=n - 1, kind="recorded", cost=500.0)
     plant_curve(sqlite_store, task, ds, [(100, 0.49), (400, 0.50), (1600, 0.50)])
     d = decide(sqlite_store, task, Inputs())
-    assert d.verdict == "DON'T TRAIN" and any("short of" in r for r in d.reasons), d.reasons
+    assert (d.verdict, d.run) == ("KEEP", "replay") and any("short of" in r for r in d.reasons), d.reasons
+    assert "keep running replay" in markdown(d)
 
 
-def test_dont_train_when_the_specialist_is_not_cheaper_states_the_risk_once(sqlite_store, tmp_path, home):
-    """As good as the reference but dearer per request: DON'T TRAIN, and the risk sentence
-    comes once, last (it used to be added a second time, issue 12)."""
+def test_keep_when_the_specialist_is_not_cheaper_states_the_risk_once(sqlite_store, tmp_path, home):
+    """As good as the reference but dearer per request: KEEP, and the risk sentence comes
+    once, last (it used to be added a second time, issue 12)."""
     task, ds = make_banking(sqlite_store, tmp_path, home)
     n = len(ds.split("test"))
     spec_run = plant_train(sqlite_store, task, ds, wall_s=600)
@@ -175,9 +211,9 @@ def test_dont_train_when_the_specialist_is_not_cheaper_states_the_risk_once(sqli
     plant_bench(sqlite_store, home, task, ds, f"run:{spec_run}", correct=n, kind="local", p50=6, p95=9,
                 throughput=10, cost=2.78)
     # the API at 1 USD per 1M requests; the specialist 0.10 USD/h / (10 requests/s x 3600) = 2.78 USD per 1M
-    plant_bench(sqlite_store, home, task, ds, "replay", correct=n, kind="recorded", cost=1.0)
+    plant_bench(sqlite_store, home, task, ds, "replay", correct=n - 1, kind="recorded", cost=1.0)
     d = decide(sqlite_store, task, Inputs())
-    assert d.verdict == "DON'T TRAIN", d.reasons
+    assert d.verdict == "KEEP", d.reasons
     risk = ("Risk: training adds 50.0 points over knn:minilm (untrained); the edge is large enough to survive a "
             "better base release.")
     assert [r for r in d.reasons if r.startswith("Risk:")] == [risk]
@@ -186,9 +222,35 @@ def test_dont_train_when_the_specialist_is_not_cheaper_states_the_risk_once(sqli
     assert markdown(d).count("- Risk: ") == 1
 
 
+def test_no_verdict_when_the_reference_is_the_benchmark_itself(sqlite_store, tmp_path, home):
+    """A labelled test file whose replies are the labels: replay scores 100% by construction.
+    The report says so first and gives no verdict, only the best candidate's own score."""
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    n = len(ds.split("test"))
+    spec_run = plant_train(sqlite_store, task, ds, wall_s=600)
+    plant_bench(sqlite_store, home, task, ds, f"run:{spec_run}", correct=n - 1, kind="local", p50=6, p95=9,
+                throughput=10, cost=0.06)
+    plant_bench(sqlite_store, home, task, ds, "replay", correct=n, kind="recorded", cost=500.0)
+    d = decide(sqlite_store, task, Inputs())
+    assert (d.verdict, d.run, d.reference_status) == ("NO VERDICT", None, "by construction")
+    assert d.warnings[0].startswith(f"replay agrees with the benchmark's references on all {n} test rows")
+    assert "`references: feedback`" in d.warnings[0] and "openai:MODEL@URL" in d.warnings[0]
+    assert d.reasons[1].startswith(f"The best candidate, run:{spec_run}, scores 95.8% accuracy")
+    md = markdown(d)
+    assert md.index("**Read first:**") < md.index("## Recommendation: **NO VERDICT**")
+
+    # with `references: frontier` the scores are agreement by definition: said first, verdict given
+    agree = tmp_path / "agree.yaml"
+    agree.write_text(task.path.read_text().replace("references: test_file", "references: frontier"))
+    d = decide(sqlite_store, load_task(agree), Inputs(tolerance=0.05))
+    assert d.reference_status == "agreement" and d.verdict == "TRAIN", d.reasons
+    assert d.warnings[0].startswith("Scores are agreement with replay's recorded replies")
+
+
 def test_decide_cli_writes_markdown_and_html_that_chromium_renders(sqlite_store, tmp_path, home, capsys):
     task, ds = plant_not_yet(sqlite_store, tmp_path, home)
     out_html, out_md = tmp_path / "report" / "decide.html", tmp_path / "decide.md"
+    # a tolerance of 4 points: the bar is 23/24 - 0.04, error 0.082 against 4/24 at 1,600 rows
     code, out, err = run(capsys, "--db", sqlite_store.url, "decide", str(task.path), "--monthly-requests", "2000000",
                          "--tolerance", "0.04",
                          "--html", str(out_html), "--md", str(out_md))

@@ -12,6 +12,7 @@ import pytest
 from protege.errors import InputError, ProtegeError
 from protege.prices import load_prices
 from protege.traces.importers import ImportOptions, import_file
+from protege.traces.store import Store
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "banking77"
 
@@ -63,14 +64,34 @@ def test_reimport_adds_nothing_and_duplicate_lines_are_kept(store, tmp_path):
     assert store.count() == 4
 
 
-def test_gzip_demo_file_imports(store):
-    result = import_file(store, EXAMPLES / "test.jsonl.gz", ImportOptions(task="banking77"))
-    assert result.added == 3080
-    row = store.list_traces(limit=1)[0]
-    assert row["task"] == "banking77" and row["request"]["messages"][0]["role"] == "system"
-    labels = json.loads((EXAMPLES / "categories.json").read_text())
+def test_demo_files_import_with_the_review_attached(store, tmp_path):
+    """The demo's logged GPT-4 calls carry GPT-4's own reply as the output and the human review
+    as feedback; the tickets carry the agent's label. Both survive a round trip through the
+    `traces` format (what the quarantine and `--format traces` read)."""
+    calls = import_file(store, EXAMPLES / "gpt4_calls.jsonl.gz", ImportOptions(task="banking77"))
+    tickets = import_file(store, EXAMPLES / "tickets.jsonl.gz", ImportOptions(task="banking77"))
+    assert (calls.added, tickets.added) == (3080, 10003)
+    labels = set(json.loads((EXAMPLES / "categories.json").read_text()))
     assert len(labels) == 77
-    assert all(t["output_text"] in labels for t in store.list_traces(limit=200))
+    rows = store.list_traces(limit=20_000, model="gpt-4")
+    assert len(rows) == 3080 and all(r["request"]["messages"][0]["role"] == "system" for r in rows)
+    assert all(r["output_text"] in labels and r["feedback"]["correction"] in labels for r in rows)
+    assert sum(r["output_text"] == r["feedback"]["correction"] for r in rows) == 2558  # GPT-4 as it answered
+    assert all(r["feedback"] is None and r["output_text"] in labels
+               for r in store.list_traces(limit=20_000) if r["model"] is None)
+
+    dump = tmp_path / "traces.jsonl"
+    from protege.traces.record import TraceRecord
+
+    with gzip.open(EXAMPLES / "gpt4_calls.jsonl.gz", "rt") as fh:
+        n = sum(1 for _ in fh)
+    dump.write_bytes(b"".join(json.dumps(TraceRecord(**r).to_json(),
+                                         default=str).encode() + b"\n" for r in rows))
+    other = Store(f"sqlite:///{tmp_path / 'other.db'}")
+    assert import_file(other, dump, ImportOptions(format="traces")).added == n
+    back = {r["id"]: r for r in other.list_traces(limit=20_000)}
+    assert all(back[r["id"]]["feedback"] == r["feedback"] and back[r["id"]]["output_text"] == r["output_text"]
+               for r in rows)
 
 
 def test_batch_format_joined_with_input(store, tmp_path):

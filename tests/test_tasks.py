@@ -26,9 +26,9 @@ def write(tmp_path, text, name="task.yaml"):
 def test_shipped_task_files_load():
     t = load_task(ROOT / "examples" / "banking77" / "task.yaml")
     assert t.kind == "classification" and len(t.labels) == 77 and t.metric_names == ["accuracy", "macro_f1"]
-    assert t.references == "test_file"
+    assert t.references == "feedback" and t.split.test == "reviewed"
     first = (ROOT / "examples" / "banking77" / "task.yaml").read_text().splitlines()[0]
-    assert first == "# protege dataset build examples/banking77/task.yaml --test-from examples/banking77/test.jsonl.gz"
+    assert first == "# protege dataset build examples/banking77/task.yaml"
 
 
 def test_every_error_reported_at_once_with_lines(tmp_path):

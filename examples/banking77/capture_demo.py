@@ -40,7 +40,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 def main() -> None:
-    with gzip.open(HERE / "test.jsonl.gz", "rt") as fh:
+    with gzip.open(HERE / "gpt4_calls.jsonl.gz", "rt") as fh:
         examples = [json.loads(line) for i, line in enumerate(fh) if i % 154 == 0]  # 20 spread over the intents
     labels = {e["messages"][1]["content"]: e["messages"][2]["content"] for e in examples}
     upstream = ScriptedUpstream(delay_ms=20, model=None, reply=lambda req: labels.get(req["messages"][-1]["content"], "unknown"))
@@ -52,7 +52,7 @@ def main() -> None:
         wait_port(port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-demo-not-stored")
         for i, e in enumerate(examples):
-            kwargs = dict(model="gpt-4.1-mini", messages=e["messages"][:2],
+            kwargs = dict(model="gpt-4", messages=e["messages"][:2],
                           extra_headers={"X-Protege-Task": "banking77-live"})
             if i % 2:
                 stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)

@@ -32,6 +32,7 @@ from ..runs.registry import create_run
 from ..tasks.metrics import Metric, get_metric, map_labels
 from ..tasks.spec import Task
 from ..traces.store import Store
+from .pricing import RequestCost, computed_cost, mean_tokens, measured_cost
 from .stats import bootstrap, paired, quantiles
 
 
@@ -46,6 +47,7 @@ class CandidateResult:
     latency_ms: dict[str, Any]
     throughput_rps: float | None
     tokens: dict[str, float | None]
+    tokens_basis: str
     cost_per_1m_usd: float | None
     cost_basis: str
     valid_output_rate: float | None
@@ -159,26 +161,24 @@ def run_bench(store: Store, task: Task, dataset: Dataset, home: Path, specs: lis
         outputs, valid = map_labels(task, [p.output for p in preds])
         outputs_by_spec[spec] = outputs
         scores = {name: bootstrap(m, outputs, refs).as_dict() for name, m in metrics.items()}
-        tokens_in = [p.prompt_tokens for p in preds if p.prompt_tokens is not None]
-        tokens_out = [p.completion_tokens for p in preds if p.completion_tokens is not None]
-        costs = [p.cost_usd for p in preds if p.cost_usd is not None]
         if cand.kind == "local":
             cost = hardware_usd_per_hour / (throughput * 3600) * 1e6 if throughput else None
-            basis = f"hardware at {hardware_usd_per_hour:g} USD/hour / measured throughput"
-        elif costs:
-            cost = float(np.mean(costs)) * 1e6
-            basis = "price table x token counts" + ("" if len(costs) == len(preds)
-                                                    else f" ({len(costs)} of {len(preds)} requests priced)")
+            priced = RequestCost(cost, f"hardware at {hardware_usd_per_hour:g} USD/hour / measured throughput",
+                                 *mean_tokens(preds), "measured in the bench")
         else:
-            cost, basis = None, "unknown (no token counts, or the model is not in the price table)"
+            priced = measured_cost(preds)
+            if priced is None and cand.kind == "recorded":
+                priced = computed_cost(rows, preds, task, dataset.manifest.get("tokens"), prices, home)
+            elif priced is None:
+                priced = RequestCost(None, "unknown (no token counts, or the model is not in the price table)",
+                                     None, None, "unknown (this candidate reports no token counts)")
         p50, p95 = quantiles(latencies)
         result = CandidateResult(
             spec=spec, kind=cand.kind, run_id=uuid7(), n=len(rows), metrics=scores, paired={},
             latency_ms={"p50": p50, "p95": p95, "n": len(latencies), "note": latency_note},
             throughput_rps=throughput,
-            tokens={"in": float(np.mean(tokens_in)) if tokens_in else None,
-                    "out": float(np.mean(tokens_out)) if tokens_out else None},
-            cost_per_1m_usd=cost, cost_basis=basis, valid_output_rate=valid, wall_s=wall, outputs=preds)
+            tokens={"in": priced.tokens_in, "out": priced.tokens_out}, tokens_basis=priced.tokens_basis,
+            cost_per_1m_usd=priced.cost_per_1m, cost_basis=priced.basis, valid_output_rate=valid, wall_s=wall, outputs=preds)
         results.append(result)
     ref_outputs = outputs_by_spec[reference]
     for result in results:
@@ -220,3 +220,4 @@ def _store_runs(store, task, dataset, home, results, reference, rows, hw, tag=No
                        base_model=r.spec, dataset_id=dataset.id,
                        metrics={k: json_safe(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
                        outputs_path=str((folder / "outputs.jsonl").resolve()))
+

@@ -1,6 +1,6 @@
 """Build a frozen, versioned dataset for a task from the stored traces.
 
-    protege dataset build examples/banking77/task.yaml --test-from examples/banking77/test.jsonl.gz
+    protege dataset build examples/banking77/task.yaml
 
 Steps, each reported with counts: select the task's traces, drop error traces, extract
 input/output and normalise, drop outputs outside the label set (classification), remove
@@ -370,7 +370,10 @@ def freeze_splits(store: Store, task: Task, home: Path, splits: dict[str, list[d
         digest.update(name.encode() + b"\0" + blobs[name] + b"\0")
     content_hash = digest.hexdigest()
     sizes = {name: len(splits[name]) for name in SPLITS}
-    tokens = _token_report(task, splits["train"] or splits["test"], home)
+    # the app's own requests (rows with a recorded model) show what its prompt costs; rows
+    # without one (labelled tickets, a test file) only when there are no others
+    called = [ex for name in ("train", "test") for ex in splits[name] if (ex.get("recorded") or {}).get("model")]
+    tokens = _token_report(task, called or splits["train"] or splits["test"], home)
     return _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, leakage, tokens, test_from)
 
 

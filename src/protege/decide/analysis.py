@@ -20,7 +20,7 @@ from .risk import risk_of
 from .types import Decision, Inputs
 from .verdict import recommend
 
-__all__ = ["Decision", "Inputs", "decide"]
+__all__ = ["Decision", "Inputs", "decide", "reference_status"]
 
 
 def decide(store: Store, task: Task, inputs: Inputs, *, dataset: str | None = None, prices=None,
@@ -37,8 +37,29 @@ def decide(store: Store, task: Task, inputs: Inputs, *, dataset: str | None = No
                      "to see whether more traces would help")
     economics = economics_of(ev.candidates, inputs)
     risk = risk_of(ev.candidates, ev.metric)
-    verdict, reasons = recommend(ev.candidates, ev.metric, inputs, economics, curve, risk)
+    status, warnings = reference_status(task, ev.candidates, ev.metric, ev.test_rows)
+    rec = recommend(ev.candidates, ev.metric, inputs, economics, curve, risk, status)
     return Decision(task=task.name, dataset=ds.id, metric=ev.metric, test_rows=ev.test_rows,
                     reference=ev.reference, inputs=inputs, candidates=ev.candidates, curve=curve,
-                    economics=economics, risk=risk, verdict=verdict, reasons=reasons,
-                    prices_as_of=ev.prices_as_of, notes=notes)
+                    economics=economics, risk=risk, verdict=rec.verdict, run=rec.run, reasons=rec.reasons,
+                    reference_status=status, warnings=warnings, prices_as_of=ev.prices_as_of, notes=notes)
+
+
+HOW_TO_MEASURE = ("To measure the frontier, give protege its own answers: import its recorded replies with your "
+                  "human labels attached as trace feedback (`\"feedback\": {\"correction\": LABEL}` on each line; "
+                  "task `references: feedback`), or bench it live as a candidate (`-c openai:MODEL@URL`).")
+
+
+def reference_status(task: Task, candidates, metric: str, rows: int) -> tuple[str, list[str]]:
+    """Whether the reference was measured, and what the reader must know first."""
+    ref = next(c for c in candidates if c.role == "reference")
+    if task.references == "frontier":
+        return "agreement", [f"Scores are agreement with {ref.spec}'s recorded replies (task `references: frontier`), "
+                             f"not correctness: {ref.spec} scores 100% by definition and its own error rate is "
+                             "unknown. " + HOW_TO_MEASURE]
+    if ref.quality[metric]["value"] >= 1.0 - 1e-12:
+        return "by construction", [f"{ref.spec} agrees with the benchmark's references on all {rows:,} test rows: its "
+                                   "outputs are the references themselves (a labelled test file whose replies are "
+                                   "the labels, say), so the frontier model was not measured and no verdict is "
+                                   "given. " + HOW_TO_MEASURE]
+    return "measured", []

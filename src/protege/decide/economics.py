@@ -14,25 +14,17 @@ from .types import CandidateEvidence, Inputs
 HOURS_PER_MONTH = 730.0
 
 
-def serving_cost(m: dict, inputs: Inputs, price, tokens_report: dict, out_tokens: float | None,
-                 model: str | None) -> tuple[float | None, str]:
-    """USD per 1M requests for a candidate whose bench metrics are `m`, and where it comes from."""
-    kind = m.get("kind")
-    if kind == "local":
+def serving_cost(m: dict, inputs: Inputs) -> tuple[float | None, str]:
+    """USD per 1M requests for a candidate whose bench metrics are `m`, and where it comes from:
+    local candidates at the stated hardware price over measured throughput; API and recorded
+    candidates as the bench priced them (bench/pricing.py: measured, or computed and said so)."""
+    if m.get("kind") == "local":
         rps = m.get("throughput_rps")
         if not rps:
             return None, "unknown (no measured throughput)"
         return (inputs.hardware_usd_per_hour / (rps * 3600) * 1e6,
                 f"{inputs.hardware_usd_per_hour:g} USD/hour / measured {rps:.1f} requests/s")
-    if m.get("cost_per_1m_usd") is not None:
-        return m["cost_per_1m_usd"], m.get("cost_basis", "price table x token counts")
-    # imported traces often carry no usage: price the task's own token counts instead
-    if price is not None and tokens_report.get("original_prompt_tokens") and out_tokens:
-        cost = price.cost(round(tokens_report["original_prompt_tokens"]), round(out_tokens)) * 1e6
-        return cost, (f"{model} at the price table's {price.as_of} prices x the task's token counts "
-                      f"({tokens_report['original_prompt_tokens']:.0f} in, {out_tokens:.0f} out, counted with the "
-                      f"{tokens_report.get('tokenizer')} tokenizer)")
-    return None, m.get("cost_basis") or "unknown"
+    return m.get("cost_per_1m_usd"), m.get("cost_basis") or "unknown"
 
 
 def token_factor_productivity(c: CandidateEvidence, metric: str, inputs: Inputs) -> dict:

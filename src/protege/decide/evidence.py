@@ -81,11 +81,9 @@ def gather(store: Store, task: Task, ds: Dataset, inputs: Inputs, *, prices=None
     mapped = {spec: map_labels(task, [o[i]["output"] for i in common])[0] for spec, o in outputs.items()}
 
     trains = {r["id"]: r for r in runs_of(store, task.name, "train")}
-    tokens_report = ds.manifest.get("tokens") or {}
+
     model = _trace_model(store, task.name)
     price = prices.lookup(model) if (prices is not None and model) else None
-    ref_tokens_out = _mean_tokens(refs, task, home)
-
     candidates = []
     for spec, run in newest.items():
         m = run["metrics"]
@@ -94,8 +92,8 @@ def gather(store: Store, task: Task, ds: Dataset, inputs: Inputs, *, prices=None
         pair = ({} if role == "reference" else
                 {name: paired(metric_obj, mapped[spec], mapped[reference], refs).as_dict()
                  for name, metric_obj in metrics.items()})
-        cost, basis = serving_cost(m, inputs, price, tokens_report, ref_tokens_out, model)
-        tokens, tbasis = _tokens_per_request(m, tokens_report, ref_tokens_out)
+        cost, basis = serving_cost(m, inputs)
+        tokens, tbasis = _tokens_per_request(m)
         train = _train_record(spec, trains, inputs) if role == "specialist" else None
         candidates.append(CandidateEvidence(
             spec=spec, kind=m.get("kind") or "unknown", role=role, bench_run=run["id"], quality=quality,
@@ -146,13 +144,10 @@ def _latency(m: dict, store: Store, task: str) -> dict:
     return latency
 
 
-def _tokens_per_request(m: dict, tokens_report: dict, ref_tokens_out: float | None) -> tuple[float | None, str]:
+def _tokens_per_request(m: dict) -> tuple[float | None, str]:
     tin, tout = (m.get("tokens") or {}).get("in"), (m.get("tokens") or {}).get("out")
     if tin is not None and tout is not None:
-        return tin + tout, "measured in the bench"
-    if m.get("kind") in ("recorded", "api") and tokens_report.get("original_prompt_tokens") and ref_tokens_out:
-        return (tokens_report["original_prompt_tokens"] + ref_tokens_out,
-                f"estimated with the {tokens_report.get('tokenizer')} tokenizer")
+        return tin + tout, m.get("tokens_basis") or "measured in the bench"
     return None, "unknown (this candidate reports no token counts)"
 
 
@@ -185,16 +180,3 @@ def _trace_latency(store: Store, task: str) -> dict | None:
         return None
     p50, p95 = np.percentile(values, [50, 95])
     return {"p50": float(p50), "p95": float(p95), "n": len(values), "note": "from the captured traces"}
-
-
-def _mean_tokens(texts: list[str], task: Task, home) -> float | None:
-    """Mean token count of `texts` (up to 500) with the task's tokenizer; None without one."""
-    if task.tokenizer in ("none", "", None) or not texts:
-        return None
-    from transformers import AutoTokenizer
-
-    from ..bases import resolve
-
-    tok = AutoTokenizer.from_pretrained(resolve(task.tokenizer, home))
-    sample = texts[:500]
-    return sum(len(tok.encode(t, add_special_tokens=False)) for t in sample) / len(sample)

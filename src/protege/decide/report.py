@@ -99,9 +99,19 @@ def _header_lines(d: Decision) -> list[str]:
             f"{100 * i.tolerance:.0f} points; API prices as of {d.prices_as_of or 'unknown'}."]
 
 
+def run_line(d: Decision, lead: str = "") -> str:
+    """What to run in production, in words ("" with NO VERDICT)."""
+    if d.run is None:
+        return ""
+    if d.run == d.reference:
+        return f"{lead}keep running {d.run}"
+    return f"{lead}run {d.run} in production"
+
+
 def markdown(d: Decision) -> str:
-    out = [f"# Should we train a specialist for `{d.task}`?", "", *_header_lines(d), "",
-           f"## Recommendation: **{d.verdict}**", "", *(f"- {r}" for r in d.reasons), ""]
+    out = [f"# Should we train a specialist for `{d.task}`?", "", *(f"> **Read first:** {w}\n" for w in d.warnings),
+           *_header_lines(d), "", f"## Recommendation: **{d.verdict}**{run_line(d, ' — ')}", "",
+           *(f"- {r}" for r in d.reasons), ""]
     t = tables(d)
 
     def table(name):
@@ -147,8 +157,9 @@ STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .verdict{font-size:1.8em;font-weight:700;padding:.4em .8em;border-radius:8px;display:inline-block}
-.TRAIN{background:#e3f6e3;color:#1a6b1a}.NOT-YET{background:#fff4d6;color:#8a5a00}
-.DONT-TRAIN{background:#fde4e4;color:#a11}
+.TRAIN,.SWITCH{background:#e3f6e3;color:#1a6b1a}.NOT-YET{background:#fff4d6;color:#8a5a00}
+.KEEP{background:#e4ecfd;color:#1a3a8a}.NO-VERDICT{background:#eee;color:#444}
+.warning{border-left:5px solid #d08800;background:#fff8e6;padding:.6em 1em;margin:1em 0}
 table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
 td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f6f6f6}.charts{display:grid;grid-template-columns:1fr 1fr;gap:1em}
@@ -184,8 +195,10 @@ def html(d: Decision) -> str:
     parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
              f"<title>protege decide: {escape(d.task)}: {escape(d.verdict)}</title><style>{STYLE}</style></head><body>",
              f"<h1>Should we train a specialist for <code>{escape(d.task)}</code>?</h1>",
+             *(f"<div class='warning' id='warning'><b>Read first:</b> {md(w)}</div>" for w in d.warnings),
              *(f"<p class='muted'>{md(x)}</p>" for x in _header_lines(d)),
              f"<h2>Recommendation</h2><div class='verdict {css_class}' id='verdict'>{escape(d.verdict)}</div>",
+             f"<p id='run'><b>{escape(run_line(d))}</b></p>" if d.run else "",
              "<ul id='reasons'>" + "".join(f"<li>{escape(r)}</li>" for r in d.reasons) + "</ul>",
              f"<div class='charts'><div id='plot-quality'>{quality}</div><div id='plot-latency'>{latency}</div>"
              f"<div id='plot-curve'>{curve}</div><div id='plot-volume'>{volume}</div></div>",

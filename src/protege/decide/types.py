@@ -72,8 +72,15 @@ class Decision:
     economics: dict
     risk: dict
     verdict: str
-    """TRAIN | NOT YET | DON'T TRAIN"""
+    """TRAIN | SWITCH | NOT YET | KEEP | NO VERDICT (decide/verdict.py)"""
+    run: str | None
+    """The system to run in production: a candidate spec (None with NO VERDICT)."""
     reasons: list[str]
+    reference_status: str
+    """measured (against human labels) | agreement (the references are its own replies) |
+    by construction (its outputs are the references)"""
+    warnings: list[str]
+    """What the reader must know before the verdict (shown at the top of every report)."""
     prices_as_of: str | None
     notes: list[str]
 
