@@ -143,6 +143,10 @@ def test_bench_cli_end_to_end(banking, label_upstream, sqlite_store, tmp_path, c
     assert low <= knn["metrics"]["accuracy"]["value"] <= high
     assert knn["latency_ms"]["n"] == 3 and knn["throughput_rps"] > 0 and knn["cost_per_1m_usd"] > 0
     assert "knn:minilm" in stdout and "scores are against the labelled test file" in " ".join(stdout.split())
+    # readable at 80 columns: nothing cut off with an ellipsis, no line wider than the terminal
+    assert "…" not in stdout and max(len(line) for line in stdout.splitlines()) <= 80, stdout
+    for header in ("accuracy", "macro_f1", "p50 ms", "USD per 1M req"):
+        assert header in stdout
     # every candidate's per-example outputs are stored as a bench run
     with store.engine.connect() as conn:
         runs = conn.execute(sa.select(schema.runs).where(schema.runs.c.kind == "bench")).all()

@@ -255,7 +255,11 @@ def test_decide_cli_writes_markdown_and_html_that_chromium_renders(sqlite_store,
                          "--tolerance", "0.04",
                          "--html", str(out_html), "--md", str(out_md))
     assert code == 0, err
-    assert "NOT YET" in out and "HTML report:" in err
+    assert "Recommendation: NOT YET — keep running replay" in out and "HTML report:" in err
+    # readable at 80 columns: run ids abbreviated, nothing cut off, no line wider than 80
+    spec_run = next(c.spec for c in decide(sqlite_store, task, Inputs()).candidates if c.role == "specialist")
+    assert spec_run[:12] in out and spec_run not in out
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80, out
     md = out_md.read_text()
     assert "## Recommendation: **NOT YET**" in md and "| knn:minilm |" in md
     code, out, err = run(capsys, "--db", sqlite_store.url, "decide", str(task.path), "--json", "--tolerance", "0.04")

@@ -46,6 +46,8 @@ def _resample_scores(metric: Metric, preds: Sequence[str], refs: Sequence[str],
     if metric.per_example is not None:
         per = metric.per_example(preds, refs)
         return per[idx].mean(axis=1)
+    if metric.resampled is not None:
+        return metric.resampled(preds, refs, idx)
     p, r = np.asarray(preds, dtype=object), np.asarray(refs, dtype=object)
     return np.array([metric.aggregate(list(p[i]), list(r[i])) for i in idx])
 

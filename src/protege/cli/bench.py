@@ -8,7 +8,6 @@ from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ..prices import DEFAULT_HARDWARE_USD_PER_HOUR
 from .common import MAX_ROWS, console, err, fmt, open_store, settings
@@ -54,7 +53,7 @@ def bench_cmd(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.as_dict(), indent=2, default=str))
-    render(report)
+    render(report, store)
 
 
 def _ci(m: dict | None) -> str:
@@ -63,26 +62,28 @@ def _ci(m: dict | None) -> str:
     low, high = m["ci95"]
     if low is None or high is None:
         return f"{m['value']:.3f}"
-    return f"{m['value']:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{m['value']:.3f} [{low:.3f}–{high:.3f}]"
 
 
-def render(report) -> None:
+def render(report, store=None) -> None:
+    """The bench's two tables (quality; speed and cost), readable at 80 columns."""
+    from .tables import abbreviate, print_table
+
     names = list(report.results[0].metrics) if report.results else []
-    t = Table(title=f"{report.task} on {report.dataset}: {report.rows:,} test rows")
-    t.add_column("candidate")
-    for n in names:
-        t.add_column(f"{n} (95% CI)")
-    t.add_column(f"Δ vs {report.reference} (p)")
-    for col in ("p50 ms", "p95 ms", "rows/s", "tokens in/out", "USD per 1M req"):
-        t.add_column(col, justify="right")
+    first = names[0] if names else None
+    short = {r.spec: abbreviate(store, r.spec) for r in report.results}
+    rows = []
     for r in report.results:
-        first = names[0] if names else None
         delta = "reference" if r.spec == report.reference else (
             f"{r.paired[first]['difference']:+.3f} (p={r.paired[first]['p_value']:.3g})" if first in r.paired else "")
-        tok = f"{fmt(r.tokens['in'], digits=0)}/{fmt(r.tokens['out'], digits=1)}"
-        t.add_row(r.spec, *[_ci(r.metrics.get(n)) for n in names], delta, fmt(r.latency_ms["p50"]),
-                  fmt(r.latency_ms["p95"]), fmt(r.throughput_rps), tok, fmt(r.cost_per_1m_usd, digits=2))
-    console.print(t)
+        rows.append([short[r.spec], *[_ci(r.metrics.get(n)) for n in names], delta])
+    print_table(console, f"{report.task} on {report.dataset}: {report.rows:,} test rows, 95% CIs",
+                ["candidate", *names, f"{first} vs {short.get(report.reference, report.reference)}"], rows)
+    rows = [[short[r.spec], fmt(r.latency_ms["p50"]), fmt(r.latency_ms["p95"]), fmt(r.throughput_rps),
+             f"{fmt(r.tokens['in'], digits=0)}/{fmt(r.tokens['out'], digits=1)}", fmt(r.cost_per_1m_usd, digits=2)]
+            for r in report.results]
+    print_table(console, "speed and cost", ["candidate", "p50 ms", "p95 ms", "rows/s", "tokens in/out",
+                                            "USD per 1M req"], rows, right={1, 2, 3, 4, 5})
     console.print(f"[dim]{report.reference_note}.[/]")
     for r in report.results:
         extra = f"; valid labels {r.valid_output_rate:.1%}" if r.valid_output_rate is not None else ""

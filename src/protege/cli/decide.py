@@ -55,10 +55,48 @@ def decide_cmd(
 
         print_json(json_safe(data))
     else:
-        from rich.markdown import Markdown
-
-        console.print(Markdown(text))
+        render(d, open_store(ctx))
     for label, path in (("HTML report", html_out), ("Markdown report", md_out)):
         if path is not None:
             err.print(f"{label}: {path.resolve()}")
 
+
+def render(d, store=None) -> None:
+    """The decision in the terminal, readable at 80 columns: what to read first, the verdict and
+    what to run, its reasons, then the tables stacked to fit (the full report: --md, --html)."""
+    from rich.markup import escape
+
+    from ..decide.report import header_lines, projection_lines, run_line, tables
+    from .tables import abbreviate, print_table
+
+    def short(text: str) -> str:
+        for c in d.candidates:
+            text = text.replace(c.spec, abbreviate(store, c.spec))
+        return text
+
+    console.print(f"[bold]Should we train a specialist for {escape(d.task)}?[/]")
+    for w in d.warnings:
+        console.print(f"[bold yellow]Read first:[/] {escape(w)}")
+    for line in header_lines(d):
+        console.print(f"[dim]{escape(line.replace('`', ''))}[/]")
+    console.print(f"\n[bold]Recommendation: {escape(d.verdict)}[/]" + escape(short(run_line(d, ' — '))))
+    for r in d.reasons:
+        console.print(f" • {escape(short(r))}")
+    t = tables(d)
+    if "curve" in t and store is not None:  # the points' training runs, abbreviated like candidates
+        t["curve"] = (t["curve"][0], [[*row[:-1], abbreviate(store, "run:" + row[-1])[4:]] for row in t["curve"][1]])
+    for name, title, right in (("candidates", "Candidates", set()), ("economics", "Economics", {2, 3, 4, 5, 6, 7}),
+                               ("curve", "Learning curve", {1})):
+        if name in t:
+            head, rows = t[name]
+            print_table(console, title, head, [[short(c) for c in row] for row in rows], right=right)
+    for x in projection_lines(d):
+        console.print(f" • {escape(x)}")
+    head, rows = t["basis"]
+    console.print("[dim]Where the figures come from:[/]")
+    for row in rows:
+        console.print(f"[dim] • {escape(short(row[0]))}: " + "; ".join(
+            f"{h} {escape(c)}" for h, c in zip(head[1:], row[1:]) if c) + "[/]")
+    console.print(f"Risk: {escape(d.risk.get('summary', 'unknown: bench a cheap baseline and a specialist together'))}")
+    for n in d.notes:
+        console.print(f"[dim]Note: {escape(n)}[/]")

@@ -72,7 +72,7 @@ def tables(d: Decision) -> dict[str, tuple[list[str], list[list[str]]]]:
     return out
 
 
-def _projection_lines(d: Decision) -> list[str]:
+def projection_lines(d: Decision) -> list[str]:
     if not d.curve or not d.curve.fit:
         return []
     f = d.curve.fit
@@ -89,7 +89,7 @@ def _projection_lines(d: Decision) -> list[str]:
     return lines
 
 
-def _header_lines(d: Decision) -> list[str]:
+def header_lines(d: Decision) -> list[str]:
     i = d.inputs
     return [f"Task `{d.task}`, dataset `{d.dataset}`, {d.test_rows:,} test rows; reference: `{d.reference}`; "
             f"primary metric: {d.metric}.",
@@ -110,7 +110,7 @@ def run_line(d: Decision, lead: str = "") -> str:
 
 def markdown(d: Decision) -> str:
     out = [f"# Should we train a specialist for `{d.task}`?", "", *(f"> **Read first:** {w}\n" for w in d.warnings),
-           *_header_lines(d), "", f"## Recommendation: **{d.verdict}**{run_line(d, ' — ')}", "",
+           *header_lines(d), "", f"## Recommendation: **{d.verdict}**{run_line(d, ' — ')}", "",
            *(f"- {r}" for r in d.reasons), ""]
     t = tables(d)
 
@@ -125,7 +125,7 @@ def markdown(d: Decision) -> str:
             "request. Break-even: the monthly volume at which one always-on machine costs what the API does.", ""]
     out += ["## Learning curve", ""]
     if "curve" in t:
-        out += [*table("curve"), *(f"- {x}" for x in _projection_lines(d)), ""]
+        out += [*table("curve"), *(f"- {x}" for x in projection_lines(d)), ""]
     else:
         out += ["No learning curve yet.", ""]
     out += ["## Risk", "", f"- {d.risk.get('summary', 'unknown: bench a cheap baseline and a specialist together')}", ""]
@@ -196,7 +196,7 @@ def html(d: Decision) -> str:
              f"<title>protege decide: {escape(d.task)}: {escape(d.verdict)}</title><style>{STYLE}</style></head><body>",
              f"<h1>Should we train a specialist for <code>{escape(d.task)}</code>?</h1>",
              *(f"<div class='warning' id='warning'><b>Read first:</b> {md(w)}</div>" for w in d.warnings),
-             *(f"<p class='muted'>{md(x)}</p>" for x in _header_lines(d)),
+             *(f"<p class='muted'>{md(x)}</p>" for x in header_lines(d)),
              f"<h2>Recommendation</h2><div class='verdict {css_class}' id='verdict'>{escape(d.verdict)}</div>",
              f"<p id='run'><b>{escape(run_line(d))}</b></p>" if d.run else "",
              "<ul id='reasons'>" + "".join(f"<li>{escape(r)}</li>" for r in d.reasons) + "</ul>",
@@ -208,7 +208,7 @@ def html(d: Decision) -> str:
              "is priced per request. Break-even: the monthly volume at which one always-on machine costs what the "
              "API does.</p>", "<h2>Learning curve</h2>"]
     if "curve" in t:
-        parts += [table("curve"), "<ul>" + "".join(f"<li>{escape(x)}</li>" for x in _projection_lines(d)) + "</ul>"]
+        parts += [table("curve"), "<ul>" + "".join(f"<li>{escape(x)}</li>" for x in projection_lines(d)) + "</ul>"]
     else:
         parts.append("<p>No learning curve yet.</p>")
     parts.append(f"<h2>Risk</h2><p>{escape(d.risk.get('summary', 'unknown'))}</p>")

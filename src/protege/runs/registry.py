@@ -86,6 +86,21 @@ def get_run(store: Store, run_id: str, kind: str | None = "train") -> RunRecord:
     return dict(rows[0]._mapping)  # type: ignore[return-value]
 
 
+def short_id(store: Store, run_id: str, kind: str | None = "train", min_len: int = 8) -> str:
+    """The shortest prefix of `run_id` (at least `min_len` characters) that names no other
+    run of `kind` in the store, the way git abbreviates commits: what `get_run` resolves."""
+    t = schema.runs
+    stmt = sa.select(t.c.id).where(t.c.id.startswith(run_id[:min_len], autoescape=True), t.c.id != run_id)
+    if kind:
+        stmt = stmt.where(t.c.kind == kind)
+    with store.engine.connect() as conn:
+        others = conn.execute(stmt).scalars().all()
+    n = min_len
+    while n < len(run_id) and any(o.startswith(run_id[:n]) for o in others):
+        n += 1
+    return run_id[:n]
+
+
 def list_runs(store: Store, task: str | None = None, kind: str | None = None, limit: int | None = 50,
               status: str | None = None) -> list[RunRecord]:
     """Runs, newest first."""
