@@ -192,3 +192,28 @@ def test_llm_judge_both_orders_cancel_position_bias(banking, sqlite_store, home,
     nojudge.write_text(Path(task.path).read_text() + "metrics: [accuracy, judge]\n")
     with pytest.raises(ProtegeError, match="needs a `judge:` section"):
         run_bench(sqlite_store, load_task(nojudge), ds, home, ["replay", "knn:minilm"], limit=2, latency_samples=1)
+
+
+def test_student_learns_only_from_recorded_replies_and_never_from_the_row_it_answers(banking, home):
+    """student:knn answers each row from the other folds' inputs labelled with the frontier's
+    replies: with every reply unique to its row, no row can get its own reply back."""
+    task, ds = banking
+    rows = ds.split("test")
+    taught = [{**r, "output": f"reply-{i}"} for i, r in enumerate(rows)]
+    cand = build_candidate("student:knn:minilm?folds=3&k=3", ctx_for(task, ds, home))
+    preds = cand.predict(taught)
+    from protege.models.student import fold_of
+
+    for i, (r, p) in enumerate(zip(taught, preds)):
+        j = int(p.output.split("-")[1])
+        assert j != i and fold_of(taught[j]["id"], 3) != fold_of(r["id"], 3)
+    # the human references play no part: replies that are all one label give only that label
+    fresh = build_candidate("student:knn:minilm?folds=3", ctx_for(task, ds, home))
+    same = fresh.predict([{**r, "output": "pin_blocked"} for r in rows])
+    assert {p.output for p in same} == {"pin_blocked"}
+    # a single row (the bench's latency samples) is answered from the rows already seen
+    assert cand.predict(taught[:1])[0].output == preds[0].output
+    for bad, message in (("student:knn:minilm?folds=1", "folds must be 2 or more"),
+                         ("student:hf:smollm2-135m", "a student is `student:knn:ENCODER`")):
+        with pytest.raises(ProtegeError, match=message):
+            build_candidate(bad, ctx_for(task, ds, home))

@@ -154,6 +154,12 @@ def test_train_on_the_evidence_when_a_specialist_beats_a_measured_frontier(sqlit
     # knn beats GPT-4 too, with no training: named as the alternative
     assert any(r.startswith("knn:minilm needs no training and also meets the bar at 83.3%") for r in d.reasons)
     assert "— run run:" in markdown(d)
+    # the report names what was not run
+    idle = plant_train(sqlite_store, task, ds, wall_s=60)
+    notes = decide(sqlite_store, task, Inputs()).notes
+    assert f"trained but not benched: run:{idle} (classifier); bench it to weigh it in" in notes
+    assert any(n.startswith("not run: a causal-LM specialist") for n in notes)
+    assert any(n.startswith("not run: an untrained small language model") for n in notes)
 
 
 def test_not_yet_when_the_curve_says_more_traces_close_the_gap(sqlite_store, tmp_path, home):

@@ -62,8 +62,9 @@ def decide_cmd(
 
 
 def render(d, store=None) -> None:
-    """The decision in the terminal, readable at 80 columns: what to read first, the verdict and
-    what to run, its reasons, then the tables stacked to fit (the full report: --md, --html)."""
+    """The decision in the terminal, readable at 80 columns: the tables first (stacked to fit),
+    then, on the last screen, what to read first, the verdict, what to run and why. The full
+    report, with the warnings at its top, is --md / --html."""
     from rich.markup import escape
 
     from ..decide.report import header_lines, projection_lines, run_line, tables
@@ -75,13 +76,8 @@ def render(d, store=None) -> None:
         return text
 
     console.print(f"[bold]Should we train a specialist for {escape(d.task)}?[/]")
-    for w in d.warnings:
-        console.print(f"[bold yellow]Read first:[/] {escape(w)}")
     for line in header_lines(d):
         console.print(f"[dim]{escape(line.replace('`', ''))}[/]")
-    console.print(f"\n[bold]Recommendation: {escape(d.verdict)}[/]" + escape(short(run_line(d, ' — '))))
-    for r in d.reasons:
-        console.print(f" • {escape(short(r))}")
     t = tables(d)
     if "curve" in t and store is not None:  # the points' training runs, abbreviated like candidates
         t["curve"] = (t["curve"][0], [[*row[:-1], abbreviate(store, "run:" + row[-1])[4:]] for row in t["curve"][1]])
@@ -97,6 +93,11 @@ def render(d, store=None) -> None:
     for row in rows:
         console.print(f"[dim] • {escape(short(row[0]))}: " + "; ".join(
             f"{h} {escape(c)}" for h, c in zip(head[1:], row[1:]) if c) + "[/]")
-    console.print(f"Risk: {escape(d.risk.get('summary', 'unknown: bench a cheap baseline and a specialist together'))}")
     for n in d.notes:
         console.print(f"[dim]Note: {escape(n)}[/]")
+    console.print()
+    for w in d.warnings:
+        console.print(f"[bold yellow]Read first:[/] {escape(w)}")
+    console.print(f"[bold]Recommendation: {escape(d.verdict)}[/]" + escape(short(run_line(d, ' — '))))
+    for r in d.reasons:
+        console.print(f" • {escape(short(r))}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..tasks.spec import Task
 from ..traces.store import Store
 from .economics import economics_of
-from .evidence import gather, latest_curve
+from .evidence import gather, latest_curve, not_benched
 from .risk import risk_of
 from .types import Decision, Inputs
 from .verdict import recommend
@@ -30,7 +30,7 @@ def decide(store: Store, task: Task, inputs: Inputs, *, dataset: str | None = No
 
     ds = get_dataset(store, dataset or task.name)
     ev = gather(store, task, ds, inputs, prices=prices, home=home)
-    notes = list(ev.notes)
+    notes = list(ev.notes) + not_benched(store, task.name, ds.id, ev.candidates)
     curve = latest_curve(store, task.name, ds.id)
     if curve is None:
         notes.append(f"no learning curve yet: run `protege curve {task.path or 'TASK_FILE'} --base MODEL --method M` "

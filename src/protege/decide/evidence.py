@@ -26,7 +26,7 @@ from .economics import serving_cost, token_factor_productivity
 from .types import CandidateEvidence, Curve, Inputs
 
 # the order candidates are listed in, in every table of the report
-ROLE_ORDER = {"reference": 0, "specialist": 1, "baseline": 2, "base": 3}
+ROLE_ORDER = {"reference": 0, "specialist": 1, "baseline": 2, "base": 3, "student": 4}
 
 
 @dataclass
@@ -106,6 +106,24 @@ def gather(store: Store, task: Task, ds: Dataset, inputs: Inputs, *, prices=None
                     prices_as_of=price.as_of if price else None, notes=notes)
 
 
+CAUSAL_METHODS = ("lora", "full", "distill", "grpo")
+
+
+def not_benched(store: Store, task: str, dataset_id: str, candidates: list[CandidateEvidence]) -> list[str]:
+    """What the decision was not shown: trained runs never benched, and the kinds of candidate
+    (an untrained small LM, a causal-LM specialist) that were not run at all."""
+    benched = {c.spec[4:] for c in candidates if c.spec.startswith("run:")}
+    trains = [r for r in runs_of(store, task, "train") if r["dataset_id"] == dataset_id
+              and not (r["config"] or {}).get("train_fraction")]
+    notes = [f"trained but not benched: run:{r['id']} ({(r['config'] or {}).get('method')}); bench it to weigh it in"
+             for r in trains if not any(r["id"].startswith(b) for b in benched)]
+    if not any(c.spec.startswith("hf:") for c in candidates):
+        notes.append("not run: an untrained small language model (`-c hf:smollm2-135m`, zero-shot)")
+    if not any((r["config"] or {}).get("method") in CAUSAL_METHODS for r in trains):
+        notes.append("not run: a causal-LM specialist (`protege train --method lora`, e.g. on SmolLM2-135M)")
+    return notes
+
+
 def latest_curve(store: Store, task: str, dataset_id: str) -> Curve | None:
     """The newest learning curve on the dataset, with its power-law fit."""
     curves = [r for r in runs_of(store, task, "curve") if r["dataset_id"] == dataset_id]
@@ -131,6 +149,8 @@ def _role(spec: str, reference: str) -> str:
         return "specialist"
     if spec.startswith("hf:"):
         return "base"
+    if spec.startswith("student:"):  # scored out of fold: evidence of what distillation inherits, not deployable
+        return "student"
     return "baseline"
 
 

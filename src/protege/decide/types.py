@@ -33,7 +33,8 @@ class CandidateEvidence:
     kind: str
     """local (runs here) | api | recorded (replayed traces)"""
     role: str
-    """reference | specialist | baseline | base (an untrained small model)"""
+    """reference | specialist | baseline | base (an untrained small model) | student (taught
+    only by the reference's recorded replies, scored out of fold: shown, never recommended)"""
     bench_run: str
     quality: dict[str, dict]
     """metric -> {value, ci95} on the rows shared with the reference"""

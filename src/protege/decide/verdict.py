@@ -52,7 +52,7 @@ def _ci(q: dict) -> str:
 
 def _unmeasured(candidates: list[CandidateEvidence], metric: str) -> Recommendation:
     ref = next(c for c in candidates if c.role == "reference")
-    others = [c for c in candidates if c.role != "reference"]
+    others = [c for c in candidates if c.role not in ("reference", "student")]
     reasons = [f"{ref.spec}'s outputs are the benchmark's references on every test row: its "
                f"{pct(ref.quality[metric]['value'])} is by construction, not a measurement of the frontier model, "
                "so there is nothing to compare a candidate against."]

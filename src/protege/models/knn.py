@@ -58,6 +58,19 @@ class Encoder:
         return result
 
 
+def vote(sims: np.ndarray, labels: list[str], k: int) -> list[Prediction]:
+    """For each query row of `sims` (cosine similarity to every labelled row): the label of
+    the most similar row, and the share of the `k` nearest that carry it as the confidence."""
+    k = min(k, sims.shape[1])
+    top = np.argpartition(-sims, kth=k - 1, axis=1)[:, :k]
+    out = []
+    for i in range(sims.shape[0]):
+        label = labels[int(sims[i].argmax())]
+        votes = Counter(labels[j] for j in top[i])
+        out.append(Prediction(output=label, confidence=votes[label] / k, prompt_tokens=None, completion_tokens=None))
+    return out
+
+
 class KNN:
     kind = "local"
 
@@ -94,17 +107,7 @@ class KNN:
 
     def predict(self, rows, progress=None):
         emb = self.encoder([r["input"] for r in rows], progress=progress)
-        sims = emb @ self.train.T
-        k = min(self.k, sims.shape[1])
-        top = np.argpartition(-sims, kth=k - 1, axis=1)[:, :k]
-        out = []
-        for i in range(len(rows)):
-            best = int(sims[i].argmax())
-            label = self.labels[best]
-            votes = Counter(self.labels[j] for j in top[i])
-            out.append(Prediction(output=label, confidence=votes[label] / k,
-                                  prompt_tokens=None, completion_tokens=None))
-        return out
+        return vote(emb @ self.train.T, self.labels, self.k)
 
     def close(self):
         pass

@@ -27,6 +27,7 @@ BUILTINS: dict[str, str] = {
     "replay": "protege.models.replay:factory",
     "hf": "protege.models.causal:factory",
     "knn": "protege.models.knn:factory",
+    "student": "protege.models.student:factory",
     "run": "protege.models.trained:factory",
 }
 _REGISTRY: dict[str, Factory] = {}
