@@ -84,16 +84,17 @@ def _init_head_from_centroids(model, collate, encodings, labels, num_labels) -> 
 class ClassifierLoss(torch.nn.Module):
     """Summed cross-entropy of a set of training examples."""
 
-    def __init__(self, model, collate: _Collate, labels):
+    def __init__(self, model, collate: _Collate, labels, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
-        self.collate, self.labels = collate, labels
+        self.collate, self.labels, self.smoothing = collate, labels, label_smoothing
 
     def forward(self, idx, weight):
         ids, mask = self.collate(idx)
         dev = self.model.device
         logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-        return torch.nn.functional.cross_entropy(logits.float(), self.labels[idx].to(dev), reduction="sum") * weight
+        return torch.nn.functional.cross_entropy(logits.float(), self.labels[idx].to(dev), reduction="sum",
+                                                 label_smoothing=self.smoothing) * weight
 
 
 class ClassifierJob:
@@ -146,7 +147,7 @@ class ClassifierJob:
         self.task, self.dataset, self.base, self.recipe = task, dataset, base, recipe
         self.folder, self.run_id, self.labels = folder, run_id, labels
         self.model, self.tokenizer = model, tokenizer
-        self.loss = ClassifierLoss(model, collate, torch.tensor(y_train))
+        self.loss = ClassifierLoss(model, collate, torch.tensor(y_train), recipe.label_smoothing)
         self.lengths = [len(e) for e in enc_train]
         self.validates = bool(val)
         self.metrics = {"metric": "accuracy", "train_rows": len(train), "validation_rows": len(val)}

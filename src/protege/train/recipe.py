@@ -55,6 +55,8 @@ class ClassifierRecipe(_Recipe):
     """Evaluate on the validation split every N optimiser steps (and at the end)."""
     early_stop_patience: int = Field(5, ge=1)
     """Stop after this many evaluations without a better validation score."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """Cross-entropy label smoothing (0.1 spreads a tenth of each target over the other labels)."""
     init_head: Literal["centroids", "random"] = "centroids"
     """Start the head from class centroids of the pooled features (converges in far fewer
     steps than a random head) or randomly."""
