@@ -84,14 +84,14 @@ def frontier(store, task, ds, home, args, console) -> dict:
     }
     names = {"replay": "GPT-4 (replay)", "knn:minilm": "knn:minilm", STUDENT: "student taught by GPT-4",
              f"run:{run_id}": "MiniLM classifier"}
-    rows = [[names[r.spec], r.metrics["accuracy"]["value"], r.metrics["accuracy"]["ci95"][0],
-             r.metrics["accuracy"]["ci95"][1],
-             None if r.spec == "replay" else r.paired["accuracy"]["difference"],
-             None if r.spec == "replay" else r.paired["accuracy"]["p_value"], r.cost_per_1m_usd]
-            for r in report.results]
-    rows.append(["peer: OCaTS kNN student (published)", PEER_OCATS_KNN_STUDENT, None, None, None, None, None])
+    rows = [[names[r.spec], f"{r.metrics['accuracy']['value']:.4f}",
+             "[{:.4f}, {:.4f}]".format(*r.metrics["accuracy"]["ci95"]),
+             "—" if r.spec == "replay" else "{:+.4f} [{:+.4f}, {:+.4f}]".format(
+                 r.paired["accuracy"]["difference"], *r.paired["accuracy"]["ci95"]),
+             f"{r.cost_per_1m_usd:,.2f}"] for r in report.results]
+    rows.append(["peer: OCaTS kNN student (published)", f"{PEER_OCATS_KNN_STUDENT:.3f}", "—", "—", "—"])
     console.print(table("BANKING77, 3,080 reviewed GPT-4 calls, against the human labels",
-                        ["candidate", "accuracy", "ci low", "ci high", "vs GPT-4", "p", "USD per 1M req"], rows))
+                        ["candidate", "accuracy", "95% CI", "vs GPT-4 (paired 95% CI)", "USD per 1M req"], rows))
     console.print(f"GPT-4's cost: {gpt4.cost_basis}")
     console.print(f"student vs peer: {student.metrics['accuracy']['value']:.4f} vs {PEER_OCATS_KNN_STUDENT} "
                   f"(ratio {student.metrics['accuracy']['value'] / PEER_OCATS_KNN_STUDENT:.3f})")

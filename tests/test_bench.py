@@ -206,7 +206,7 @@ def test_student_learns_only_from_recorded_replies_and_never_from_the_row_it_ans
 
     for i, (r, p) in enumerate(zip(taught, preds)):
         j = int(p.output.split("-")[1])
-        assert j != i and fold_of(taught[j]["id"], 3) != fold_of(r["id"], 3)
+        assert j != i and fold_of(taught[j]["input"], 3) != fold_of(r["input"], 3)
     # the human references play no part: replies that are all one label give only that label
     fresh = build_candidate("student:knn:minilm?folds=3", ctx_for(task, ds, home))
     same = fresh.predict([{**r, "output": "pin_blocked"} for r in rows])

@@ -63,7 +63,7 @@ def test_minilm_classifier_learns_on_a_slice(sqlite_store, tmp_path, home):
 
 def test_recipe_files_and_errors(tmp_path):
     r = load_recipe("classifier", ROOT / "recipes" / "classifier.yaml", ["lr=5e-5"])
-    assert r.lr == 5e-5 and r.epochs == 3
+    assert r.lr == 5e-5 and r.epochs == 5 and r.label_smoothing == 0.1
     for method in ("classifier", "lora", "full", "distill", "grpo"):  # every method ships a valid recipe
         path = ROOT / "recipes" / f"{method}.yaml"
         assert path.read_text().splitlines()[0].startswith("# protege train ")

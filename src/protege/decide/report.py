@@ -85,7 +85,8 @@ def projection_lines(d: Decision) -> list[str]:
              f"({count(f['at_10x']['n'])} rows): {_ci(f['at_10x'])}.",
              f"Rows to reach {pct(bar)} (the reference's {pct(ref)} less the {100 * d.inputs.tolerance:.0f}-point "
              f"tolerance): {count(need['rows'])} (95% CI {count(need['ci95'][0])} to {count(need['ci95'][1])}), "
-             f"i.e. {count(need['more'])} more than now."]
+             + (f"i.e. {count(need['more'])} more than now." if need["more"] > 0 else
+                "already reached with the rows used now.")]
     return lines
 
 

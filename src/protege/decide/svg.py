@@ -41,10 +41,10 @@ def _fmt(v: float, money: bool = False, pct: bool = False) -> str:
         return f"{100 * v:.0f}%"
     prefix = "$" if money else ""
     if v >= 1e6:
-        return f"{prefix}{v / 1e6:g}M"
+        return f"{prefix}{float(f'{v / 1e6:.3g}'):g}M"
     if v >= 1e3:
-        return f"{prefix}{v / 1e3:g}k"
-    return f"{prefix}{v:g}"
+        return f"{prefix}{float(f'{v / 1e3:.3g}'):g}k"
+    return f"{prefix}{float(f'{v:.3g}'):g}"
 
 
 def _frame(title: str, x: Axis, y: Axis, xlabel: str, ylabel: str, *, xmoney=False, ymoney=False, ypct=False,

@@ -3,9 +3,10 @@
 
 Distillation from the logs: when the frontier answered only the benchmark's rows (the
 demo's GPT-4 calls), a student cannot learn from those replies and be scored on the same
-rows. So the rows are cut into `folds` parts (by a hash of the row id, the same parts on
-every run); each part is answered by a nearest-neighbour student whose examples are the
-other parts' inputs labelled with the frontier's replies. Every benchmark row is answered,
+rows. So the rows are cut into `folds` parts (by a hash of the input text: the same parts
+on every run and every import, and a repeated message never on both sides); each part is
+answered by a nearest-neighbour student whose examples are the other parts' inputs
+labelled with the frontier's replies. Every benchmark row is answered,
 none by a student that saw it. The score shows how much of the teacher's error a student
 inherits; the student itself is evidence, not a deployable model (a student trained on all
 the logs would be).
@@ -25,8 +26,8 @@ from .base import Context, option, parse_spec
 from .knn import Encoder, vote
 
 
-def fold_of(row_id: str, folds: int) -> int:
-    return int.from_bytes(hashlib.sha256(str(row_id).encode()).digest()[:8], "big") % folds
+def fold_of(text: str, folds: int) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % folds
 
 
 class Student:
@@ -49,7 +50,7 @@ class Student:
         emb = self.encoder([r["input"] for r in rows], progress=progress)
         for r, e in zip(rows, emb):
             if r.get("output"):
-                self.pool.setdefault(r["id"], (e, r["output"], fold_of(r["id"], self.folds)))
+                self.pool.setdefault(r["id"], (e, r["output"], fold_of(r["input"], self.folds)))
         if not self.pool:
             raise ProtegeError(f"candidate {self.spec}: the rows carry no recorded replies to learn from")
         ids = list(self.pool)
@@ -58,7 +59,7 @@ class Student:
         pool_fold = np.array([self.pool[i][2] for i in ids])
         out = [None] * len(rows)
         for f in range(self.folds):
-            mine = [i for i, r in enumerate(rows) if fold_of(r["id"], self.folds) == f]
+            mine = [i for i, r in enumerate(rows) if fold_of(r["input"], self.folds) == f]
             teach = np.flatnonzero(pool_fold != f)
             if not mine:
                 continue

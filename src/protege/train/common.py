@@ -74,12 +74,13 @@ def tensorboard(path: Path):
 
 
 def progress_bar(console, unit: str = "ex"):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("training {task.fields[run]}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total} steps"), TextColumn("loss {task.fields[loss]:.3f}"),
+    # fits 80 columns: steps, loss, rate (ex/s or tokens/s), validation score, time left
+    return Progress(TextColumn("training {task.fields[run]}"), BarColumn(bar_width=10),
+                    TextColumn("{task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]:.3f}"),
                     TextColumn("{task.fields[rate]:.0f} " + unit + "/s"), TextColumn("val {task.fields[val]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+                    TimeRemainingColumn(), console=console, transient=False)
 
 
 class Stopper:

@@ -74,7 +74,7 @@ def run_loop(store, run_id: str, folder: Path, job: Job, recipe, *, time_budget_
 
         console = Console(file=io.StringIO())
     with progress_bar(console, unit=job.unit) as bar:
-        tid = bar.add_task("train", total=total, completed=state["step"], run=run_id[:13], loss=float("nan"),
+        tid = bar.add_task("train", total=total, completed=state["step"], run=run_id[:8], loss=float("nan"),
                            rate=0.0, val=shown)
         done = state["step"] >= total
         while not done:
