@@ -33,10 +33,10 @@ runs = [r for r in json.load(sys.stdin) if r["status"] == "done" and r["config"]
 print(runs[0]["id"] if runs else "")' "$1" "$dataset_id"
 }
 
-step "4/8 Train the specialist on the labelled tickets: MiniLM + classification head, 1.5 epochs (about 3 minutes; reused when done)"
+step "4/8 Train the specialist on the labelled tickets: MiniLM + classification head, 1.25 epochs (about 2.5 minutes; reused when done)"
 clf=$(latest_run classifier)
 if [ -z "$clf" ]; then
-  protege train "$here/task.yaml" --base minilm --method classifier --config recipes/classifier.yaml --set epochs=1.5
+  protege train "$here/task.yaml" --base minilm --method classifier --config recipes/classifier.yaml --set epochs=1.25
   clf=$(latest_run classifier)
 else
   echo "reusing training run $clf"
@@ -59,7 +59,7 @@ else
 fi
 
 step "5/8 Learning curve: the classifier on 10% and 25% of the tickets (the 100% point is the run above)"
-protege curve "$here/task.yaml" --base minilm --method classifier --config recipes/classifier.yaml --set epochs=1.5 \
+protege curve "$here/task.yaml" --base minilm --method classifier --config recipes/classifier.yaml --set epochs=1.25 \
   --fractions 0.1,0.25,1.0 --limit 1000
 
 step "6/8 Bench on all 3,080 reviewed calls: GPT-4 as it answered, the cheap baseline, a student taught only by GPT-4, the specialist"
@@ -72,7 +72,7 @@ print(want <= done)' "$dataset_id" "$clf" "${lora:-}")
 if [ "$benched" = "True" ]; then
   echo "reusing the bench of run:$clf"
 else
-  protege bench "$here/task.yaml" "${candidates[@]}" --latency-samples 20 --json "$reports/bench-banking77.json"
+  protege bench "$here/task.yaml" "${candidates[@]}" --latency-samples 10 --json "$reports/bench-banking77.json"
 fi
 
 step "7/8 Export the task's traces as OpenAI fine-tuning JSONL (for other tools)"
