@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the shipped BANKING77 data (run it with `make demo`; `make demo-full`
-# adds a SmolLM2-135M LoRA specialist, about 5 more minutes). The story: an app calls GPT-4 to
+# adds a SmolLM2-135M LoRA specialist, roughly 25 more minutes). The story: an app calls GPT-4 to
 # route support messages; GPT-4's real answers are logged and the team reviewed them
 # (examples/banking77/README.md). Re-runnable: what is already done is reused.
 set -euo pipefail
