@@ -32,6 +32,11 @@ def run(capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def run_id_in(out: str) -> str:
+    """The run id `protege train` prints ("run ID done ...")."""
+    return out.split("run ")[1].split()[0]
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import LABELS, make_banking, run
+from helpers import LABELS, make_banking, run, run_id_in
 
 from protege.errors import ProtegeError
 from protege.runs.registry import get_run
@@ -24,7 +24,7 @@ def test_tiny_classifier_writes_model_card_metrics_and_tensorboard(sqlite_store,
                          "--method", "classifier", "--set", "epochs=2", "--set", "eval_every=3",
                          "--set", "batch_size=16")
     assert code == 0, err
-    run_id = out.split("run ")[1].split()[0]
+    run_id = run_id_in(out)
     r = get_run(sqlite_store, run_id)
     assert r["status"] == "done" and r["kind"] == "train" and r["dataset_id"] == ds.id
     assert r["config"]["recipe"]["epochs"] == 2 and r["config"]["dataset_hash"] == ds.content_hash
@@ -102,7 +102,7 @@ def test_resume_refuses_changed_flags_naming_each(sqlite_store, tmp_path, home, 
     code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_bert,
                          "--method", "classifier", "--set", "epochs=1", "--set", "batch_size=16")
     assert code == 0, err
-    run_id = out.split("run ")[1].split()[0]
+    run_id = run_id_in(out)
     code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--resume", run_id,
                        "--method", "lora")
     assert code == 1 and ("--method 'lora' differs from the run's 'classifier'; --resume continues the run as it "
@@ -136,7 +136,7 @@ def test_tiny_sft_writes_merged_model_adapter_and_benches(sqlite_store, tmp_path
                          "--method", method, "--set", "epochs=1", "--set", "eval_every=4", "--set", "eval_rows=6",
                          "--set", "batch_size=16", "--set", "lr=1e-3")
     assert code == 0, err
-    run_id = out.split("run ")[1].split()[0]
+    run_id = run_id_in(out)
     r = get_run(sqlite_store, run_id)
     m = r["metrics"]
     assert r["status"] == "done" and r["config"]["method"] == method and m["metric"] == "accuracy"
@@ -281,7 +281,7 @@ def _one_then_two_processes(store, capsys, args: list[str]) -> tuple[dict, dict]
 
     code, out, err = run(capsys, *args)
     assert code == 0, err
-    one = get_run(store, out.split("run ")[1].split()[0])
+    one = get_run(store, run_id_in(out))
     code, out, err = run(capsys, *args, "--nproc", "2")
     assert code == 0, err
     two = list_runs(store, kind="train")[0]
@@ -401,7 +401,7 @@ def test_distill_relabels_with_the_teacher_then_trains(sqlite_store, tmp_path, h
                 "--set", f"teacher={teacher}", "--set", "epochs=1", "--set", "eval_rows=4", "--set", "batch_size=16"]
         code, out, err = run(capsys, *args)
         assert code == 0, err
-        run_id = out.split("run ")[1].split()[0]
+        run_id = run_id_in(out)
         r = get_run(sqlite_store, run_id)
         assert r["config"]["method"] == "distill" and r["config"]["distilled_from"] == teacher
         distilled = r["config"]["dataset"]
@@ -418,7 +418,7 @@ def test_distill_relabels_with_the_teacher_then_trains(sqlite_store, tmp_path, h
         code, out, err = run(capsys, *args)  # again: answers come from the cache, same dataset version
         assert code == 0, err
         assert up.count == calls
-        assert get_run(sqlite_store, out.split("run ")[1].split()[0])["config"]["dataset"] == distilled
+        assert get_run(sqlite_store, run_id_in(out))["config"]["dataset"] == distilled
         assert json.loads((Path(r["checkpoint_path"]) / "protege.json").read_text())["method"] == "distill"
         code, _, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_llama,
                            "--method", "distill")
@@ -435,12 +435,12 @@ def test_grpo_on_top_of_sft_logs_rewards_and_benches(sqlite_store, tmp_path, hom
     code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_llama,
                          "--method", "lora", "--set", "epochs=1", "--set", "eval_rows=4")
     assert code == 0, err
-    sft = out.split("run ")[1].split()[0]
+    sft = run_id_in(out)
     code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", f"run:{sft}",
                          "--method", "grpo", "--set", "epochs=0.2", "--set", "batch_size=2", "--set", "group_size=3",
                          "--set", "max_new_tokens=6", "--set", "eval_every=3", "--set", "eval_rows=4")
     assert code == 0, err
-    run_id = out.split("run ")[1].split()[0]
+    run_id = run_id_in(out)
     r = get_run(sqlite_store, run_id)
     m = r["metrics"]
     assert r["config"]["base"] == f"run:{sft}" and m["reward"] == "accuracy"
@@ -509,7 +509,7 @@ def test_bf16_precision_trains_in_bf16_and_saves_fp32(sqlite_store, tmp_path, ho
                              "--set", "eval_rows=4", "--set", "lr=1e-3", "--set", "keep=last",
                              "--set", f"precision={precision}")
         assert code == 0, err
-        r = get_run(sqlite_store, out.split("run ")[1].split()[0])
+        r = get_run(sqlite_store, run_id_in(out))
         assert r["metrics"]["precision"] == precision and r["config"]["recipe"]["precision"] == precision
         with safe_open(Path(r["checkpoint_path"]) / "model.safetensors", "pt") as f:
             weights[precision] = {k: f.get_tensor(k) for k in f.keys()}

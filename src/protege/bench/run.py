@@ -220,4 +220,3 @@ def _store_runs(store, task, dataset, home, results, reference, rows, hw, tag=No
                        base_model=r.spec, dataset_id=dataset.id,
                        metrics={k: json_safe(v) for k, v in r.as_dict().items() if k not in ("run_id",)},
                        outputs_path=str((folder / "outputs.jsonl").resolve()))
-

@@ -70,9 +70,11 @@ def render(d, store=None) -> None:
     from ..decide.report import header_lines, projection_lines, run_line, tables
     from .tables import abbreviate, print_table
 
+    names = {c.spec: abbreviate(store, c.spec) for c in d.candidates}  # one lookup per candidate
+
     def short(text: str) -> str:
-        for c in d.candidates:
-            text = text.replace(c.spec, abbreviate(store, c.spec))
+        for spec, name in names.items():
+            text = text.replace(spec, name)
         return text
 
     console.print(f"[bold]Should we train a specialist for {escape(d.task)}?[/]")

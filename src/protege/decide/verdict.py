@@ -21,8 +21,6 @@ from .curve_fit import rows_to_reach
 from .formatting import count, months, pct, signed, usd
 from .types import CandidateEvidence, Curve, Inputs
 
-VERDICTS = ("TRAIN", "SWITCH", "NOT YET", "KEEP", "NO VERDICT")
-
 
 @dataclass
 class Recommendation:

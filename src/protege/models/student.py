@@ -48,9 +48,10 @@ class Student:
 
     def predict(self, rows, progress=None):
         emb = self.encoder([r["input"] for r in rows], progress=progress)
-        for r, e in zip(rows, emb):
+        row_fold = [fold_of(r["input"], self.folds) for r in rows]
+        for r, e, f in zip(rows, emb, row_fold):
             if r.get("output"):
-                self.pool.setdefault(r["id"], (e, r["output"], fold_of(r["input"], self.folds)))
+                self.pool.setdefault(r["id"], (e, r["output"], f))
         if not self.pool:
             raise ProtegeError(f"candidate {self.spec}: the rows carry no recorded replies to learn from")
         ids = list(self.pool)
@@ -59,7 +60,7 @@ class Student:
         pool_fold = np.array([self.pool[i][2] for i in ids])
         out = [None] * len(rows)
         for f in range(self.folds):
-            mine = [i for i, r in enumerate(rows) if fold_of(r["input"], self.folds) == f]
+            mine = [i for i, g in enumerate(row_fold) if g == f]
             teach = np.flatnonzero(pool_fold != f)
             if not mine:
                 continue
