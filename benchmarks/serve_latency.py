@@ -159,9 +159,10 @@ def main() -> None:
     texts = [r["input"] for r in ds.split("test")[::7]]
     runs = {"classifier": args.classifier_run, "lora": None if args.skip_lora else args.lora_run}
     if not runs["classifier"]:
+        # pooling cls: the model the peer's pipeline applies as it is, so both servers answer alike
         runs["classifier"] = train(store, task, ds, home, "minilm", "classifier",
-                                   load_recipe("classifier", ROOT / "recipes" / "classifier.yaml"), time_budget_min=1.5,
-                                   console=console)
+                                   load_recipe("classifier", ROOT / "recipes" / "classifier.yaml", ["pooling=cls"]),
+                                   time_budget_min=1.5, console=console)
     if not args.skip_lora and not runs["lora"]:
         runs["lora"] = train(store, task, ds, home, "smollm2-135m", "lora",
                              load_recipe("lora", ROOT / "recipes" / "lora.yaml", ["eval_rows=10"]),

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import LABELS, make_banking, run, run_id_in
+from helpers import make_banking, run, run_id_in
 
 from protege.errors import ProtegeError
 from protege.runs.registry import get_run
@@ -35,15 +35,40 @@ def test_tiny_classifier_writes_model_card_metrics_and_tensorboard(sqlite_store,
     folder = Path(r["checkpoint_path"])
     assert {"config.json", "model.safetensors", "protege.json", "README.md", "tokenizer.json"} <= \
         {p.name for p in folder.iterdir()}
-    assert json.loads((folder / "protege.json").read_text())["labels"] == task.labels
+    meta = json.loads((folder / "protege.json").read_text())
+    assert meta["labels"] == task.labels and meta["pooling"] == "mean" == m["pooling"]  # auto, on a BERT head
     assert "best validation accuracy" in (folder / "README.md").read_text()
     assert list((folder.parent / "tensorboard").glob("events.out.tfevents.*"))
-    from transformers import pipeline
-
-    clf = pipeline("text-classification", model=str(folder))
-    assert clf("where is my card")[0]["label"] in LABELS
     code, out, _ = run(capsys, "--db", sqlite_store.url, "runs", "list", "--kind", "train", "--json")
     assert [x["id"] for x in json.loads(out)] == [run_id]
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from protege.models.base import Context
+    from protege.models.registry import build_candidate
+
+    texts = ["where is my card", "my top up failed", "what is the exchange rate for euros"]
+    ctx = Context(task=task, dataset=ds, home=home, train=[], store=sqlite_store)
+    answers = build_candidate(f"run:{run_id}", ctx).predict([{"input": t} for t in texts])
+    # mean pooling, computed by hand: the mean of the token states through the linear head
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForSequenceClassification.from_pretrained(folder)
+    with torch.inference_mode():
+        for text, answer in zip(texts, answers):
+            enc = tok(text, return_tensors="pt")
+            probs = torch.softmax(model.classifier(model.bert(**enc).last_hidden_state.mean(1)), -1)[0]
+            assert answer.label_probs[answer.output] == pytest.approx(float(probs.max()), abs=1e-5)
+    # pooling cls: the first-token pooler, which transformers' pipeline applies as it is
+    code, out, err = run(capsys, "--db", sqlite_store.url, "train", str(task.path), "--base", tiny_bert,
+                         "--method", "classifier", "--set", "epochs=1", "--set", "pooling=cls")
+    assert code == 0, err
+    cls_id = run_id_in(out)
+    cls_folder = get_run(sqlite_store, cls_id)["checkpoint_path"]
+    clf = pipeline("text-classification", model=cls_folder)
+    ours = build_candidate(f"run:{cls_id}", ctx).predict([{"input": t} for t in texts])
+    for text, answer in zip(texts, ours):
+        got = clf(text)[0]
+        assert got["label"] == answer.output and got["score"] == pytest.approx(answer.confidence, abs=1e-4)
 
 
 def test_minilm_classifier_learns_on_a_slice(sqlite_store, tmp_path, home):

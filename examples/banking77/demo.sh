@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the shipped BANKING77 data (run it with `make demo`; `make demo-full`
-# adds a SmolLM2-135M LoRA specialist, roughly 25 more minutes). The story: an app calls GPT-4 to
-# route support messages; GPT-4's real answers are logged and the team reviewed them
-# (examples/banking77/README.md). Re-runnable: what is already done is reused.
+# adds a SmolLM2-135M LoRA specialist and a MiniLM student fine-tuned on GPT-4's answers alone,
+# roughly 30 more minutes). The story: an app calls GPT-4 to route support messages; GPT-4's
+# real answers are logged and the team reviewed them (examples/banking77/README.md).
+# Re-runnable: what is already done is reused.
 set -euo pipefail
+shopt -s inherit_errexit  # a failing command inside $(...) stops the demo too
 cd "$(dirname "$0")/../.."
 here=examples/banking77
 full=${PROTEGE_DEMO_FULL:-0}
@@ -33,29 +35,35 @@ runs = [r for r in json.load(sys.stdin) if r["status"] == "done" and r["config"]
 print(runs[0]["id"] if runs else "")' "$1" "$dataset_id"
 }
 
+# train_once METHOD ARGS...: the newest finished run of METHOD, trained with ARGS when there is none
+train_once() {
+  local method=$1 id
+  shift
+  id=$(latest_run "$method")
+  if [ -z "$id" ]; then
+    protege train "$here/task.yaml" --method "$method" "$@" >&2
+    id=$(latest_run "$method")
+    [ -n "$id" ] || { echo "demo: protege train --method $method finished no run" >&2; exit 1; }
+  else
+    echo "reusing training run $id" >&2
+  fi
+  echo "$id"
+}
+
 step "4/8 Train the specialist on the labelled tickets: MiniLM + classification head, 1.25 epochs (about 2.5 minutes; reused when done)"
-clf=$(latest_run classifier)
-if [ -z "$clf" ]; then
-  protege train "$here/task.yaml" --base minilm --method classifier --config recipes/classifier.yaml --set epochs=1.25
-  clf=$(latest_run classifier)
-else
-  echo "reusing training run $clf"
-fi
+clf=$(train_once classifier --base minilm --config recipes/classifier.yaml --set epochs=1.25)
 candidates=(-c replay -c knn:minilm -c "student:knn:minilm?folds=3" -c "run:$clf")
 
 if [ "$full" = 1 ]; then
   step "4b/8 Train a small LM specialist: SmolLM2-135M + LoRA, a 3-minute run (reused when done)"
-  lora=$(latest_run lora)
-  if [ -z "$lora" ]; then
-    protege train "$here/task.yaml" --base smollm2-135m --method lora --config recipes/lora.yaml \
-      --set eval_rows=40 --set eval_every=40 --time-budget 3
-    lora=$(latest_run lora)
-  else
-    echo "reusing training run $lora"
-  fi
-  candidates+=(-c "run:$lora")
+  lora=$(train_once lora --base smollm2-135m --config recipes/lora.yaml --set eval_rows=40 --set eval_every=40 \
+    --time-budget 3)
+  step "4c/8 Fine-tune a student on GPT-4's answers alone (no human label): MiniLM, 3 folds, 2 epochs each (reused when done)"
+  student=$(train_once student --base minilm --config recipes/student.yaml --set epochs=2)
+  candidates+=(-c "run:$lora" -c "run:$student")
 else
-  echo "(skipped: the SmolLM2-135M LoRA specialist; \`make demo-full\` trains and benches it too)"
+  echo "(skipped: the SmolLM2-135M LoRA specialist and the MiniLM student fine-tuned on GPT-4's answers;"
+  echo " \`make demo-full\` trains and benches them too)"
 fi
 
 step "5/8 Learning curve: the classifier on 10% and 25% of the tickets (the 100% point is the run above)"
@@ -68,7 +76,7 @@ import json, sys
 want = {"run:" + x for x in sys.argv[2:] if x}
 done = {r["config"].get("candidate") for r in json.load(sys.stdin) if r["dataset_id"] == sys.argv[1]
         and r["config"].get("tag") != "curve"}
-print(want <= done)' "$dataset_id" "$clf" "${lora:-}")
+print(want <= done)' "$dataset_id" "$clf" "${lora:-}" "${student:-}")
 if [ "$benched" = "True" ]; then
   echo "reusing the bench of run:$clf"
 else
@@ -86,5 +94,5 @@ printf '\nThe store is %s.\n' "${PROTEGE_DATABASE_URL:-.protege/protege.db}"
 printf 'The decision report (every chart): %s\n' "$(pwd)/$reports/decide-banking77.html"
 printf 'Serve the classifier: protege serve run:%s --port 8000   (OpenAI-compatible, /v1/chat/completions)\n' "$clf"
 if [ "$full" != 1 ]; then
-  printf 'Not run here: the SmolLM2-135M LoRA specialist (make demo-full).\n'
+  printf 'Not run here: the SmolLM2-135M LoRA specialist and the fine-tuned student (make demo-full).\n'
 fi

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..models.base import Prediction
 from ..tasks.spec import Task
+from ..tasks.tokens import mean_token_count, task_tokenizer
 
 
 @dataclass
@@ -76,13 +77,6 @@ def computed_cost(rows: list[dict], preds: list[Prediction], task: Task, tokens_
 
 
 def count_tokens(texts: list[str], task: Task, home: Path) -> float | None:
-    """Mean token count of `texts` (up to 500) with the task's tokenizer; None without one."""
-    if task.tokenizer in ("none", "", None) or not texts:
-        return None
-    from transformers import AutoTokenizer
-
-    from ..bases import resolve
-
-    tok = AutoTokenizer.from_pretrained(resolve(task.tokenizer, home))
-    sample = texts[:500]
-    return sum(len(tok.encode(t, add_special_tokens=False)) for t in sample) / len(sample)
+    """Mean token count of `texts` with the task's tokenizer; None without one."""
+    tok = task_tokenizer(task, home)
+    return None if tok is None or not texts else mean_token_count(tok, [[t] for t in texts])

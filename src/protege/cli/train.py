@@ -19,7 +19,7 @@ def train_cmd(
     task_file: Path = typer.Argument(..., help="The task's YAML file."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model: minilm, smollm2-135m, a Hugging Face id, "
                                        "a local path, or run:RUN_ID (start from a trained run)."),
-    method: Optional[str] = typer.Option(None, "--method", help="classifier | lora | full | distill | grpo"),
+    method: Optional[str] = typer.Option(None, "--method", help="classifier | student | lora | full | distill | grpo"),
     config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (see recipes/)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set lr=5e-5 (repeatable)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", min=0.1, help="Stop after this many minutes."),

@@ -183,22 +183,16 @@ def _split(pool: list[dict], task: Task, has_test: bool) -> dict[str, list[dict]
 
 def _token_report(task: Task, rows: list[dict], home: Path) -> dict[str, Any] | None:
     """Tokens per request of the app's original prompt vs the specialist's own prompt."""
-    if task.tokenizer in ("none", "", None) or not rows:
-        return None
-    from transformers import AutoTokenizer
-
-    from ..bases import resolve
     from ..tasks.prompting import specialist_messages
+    from ..tasks.tokens import SAMPLE, mean_token_count, task_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve(task.tokenizer, home))
-    sample = rows[:500]
-
-    def count(messages) -> int:
-        return sum(len(tok.encode(_text(m.get("content")), add_special_tokens=False)) for m in messages)
-
-    original = sum(count(r["messages"]) for r in sample) / len(sample)
-    specialist = sum(count(specialist_messages(task, r["input"])) for r in sample) / len(sample)
-    return {"tokenizer": task.tokenizer, "rows_measured": len(sample), "original_prompt_tokens": original,
+    tok = task_tokenizer(task, home)
+    if tok is None or not rows:
+        return None
+    original = mean_token_count(tok, [[_text(m.get("content")) for m in r["messages"]] for r in rows[:SAMPLE]])
+    specialist = mean_token_count(tok, [[_text(m.get("content")) for m in specialist_messages(task, r["input"])]
+                                   for r in rows[:SAMPLE]])
+    return {"tokenizer": task.tokenizer, "rows_measured": min(len(rows), SAMPLE), "original_prompt_tokens": original,
             "specialist_prompt_tokens": specialist, "saved_per_request": original - specialist,
             "saved_fraction": (original - specialist) / original if original else None}
 

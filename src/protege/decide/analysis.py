@@ -16,11 +16,12 @@ from ..tasks.spec import Task
 from ..traces.store import Store
 from .economics import economics_of
 from .evidence import gather, latest_curve, not_benched
+from .formatting import pct
 from .risk import risk_of
 from .types import Decision, Inputs
 from .verdict import recommend
 
-__all__ = ["Decision", "Inputs", "decide", "reference_status"]
+__all__ = ["Decision", "Inputs", "decide", "reference_status", "student_notes"]
 
 
 def decide(store: Store, task: Task, inputs: Inputs, *, dataset: str | None = None, prices=None,
@@ -30,7 +31,7 @@ def decide(store: Store, task: Task, inputs: Inputs, *, dataset: str | None = No
 
     ds = get_dataset(store, dataset or task.name)
     ev = gather(store, task, ds, inputs, prices=prices, home=home)
-    notes = list(ev.notes) + not_benched(store, task.name, ds.id, ev.candidates)
+    notes = student_notes(ev.candidates, ev.metric) + list(ev.notes) + not_benched(ev, ds.id)
     curve = latest_curve(store, task.name, ds.id)
     if curve is None:
         notes.append(f"no learning curve yet: run `protege curve {task.path or 'TASK_FILE'} --base MODEL --method M` "
@@ -63,3 +64,22 @@ def reference_status(task: Task, candidates, metric: str, rows: int) -> tuple[st
                                    "the labels, say), so the frontier model was not measured and no verdict is "
                                    "given. " + HOW_TO_MEASURE]
     return "measured", []
+
+
+def student_notes(candidates, metric: str) -> list[str]:
+    """What distillation from the logs inherits: each student (taught only by recorded
+    replies, scored out of fold) beside its teacher and the best specialist trained on labels."""
+    ref = next(c for c in candidates if c.role == "reference")
+    specs = [c for c in candidates if c.role == "specialist"]
+    best = max(specs, key=lambda c: c.quality[metric]["value"], default=None)
+    out = []
+    for s in (c for c in candidates if c.role == "student"):
+        p = s.paired.get(metric) or {}
+        diff = p.get("difference")
+        vs = ("" if diff is None else f", {100 * diff:+.1f} points against {ref.spec} ({pct(ref.quality[metric]['value'])}; "
+              f"95% CI {100 * p['ci95'][0]:+.1f} to {100 * p['ci95'][1]:+.1f})")
+        out.append(f"distillation from the logs: {s.spec}, taught only by recorded model replies (no human label, "
+                   f"scored out of fold), reaches {metric} {pct(s.quality[metric]['value'])}{vs}"
+                   + (f"; {best.spec}, trained on the labelled data, reaches {pct(best.quality[metric]['value'])}"
+                      if best else "") + ". A student learns its teacher's mistakes along with its answers.")
+    return out

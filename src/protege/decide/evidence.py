@@ -42,6 +42,8 @@ class Evidence:
     """Reference first, then specialists, baselines and bases, each best first."""
     prices_as_of: str | None
     notes: list[str]
+    train_runs: list[RunRecord]
+    """The task's finished training runs (newest first), read once for what follows."""
 
 
 def runs_of(store: Store, task: str, kind: str) -> list[RunRecord]:
@@ -80,21 +82,22 @@ def gather(store: Store, task: Task, ds: Dataset, inputs: Inputs, *, prices=None
     metrics = {m: get_metric(m) for m in metric_names}
     mapped = {spec: map_labels(task, [o[i]["output"] for i in common])[0] for spec, o in outputs.items()}
 
-    trains = {r["id"]: r for r in runs_of(store, task.name, "train")}
+    train_runs = runs_of(store, task.name, "train")
+    trains = {r["id"]: r for r in train_runs}
 
     model = _trace_model(store, task.name)
     price = prices.lookup(model) if (prices is not None and model) else None
     candidates = []
     for spec, run in newest.items():
         m = run["metrics"]
-        role = _role(spec, reference)
+        train = _train_record(spec, trains, inputs) if spec.startswith("run:") else None
+        role = _role(spec, reference, train)
         quality = {name: bootstrap(metric_obj, mapped[spec], refs).as_dict() for name, metric_obj in metrics.items()}
         pair = ({} if role == "reference" else
                 {name: paired(metric_obj, mapped[spec], mapped[reference], refs).as_dict()
                  for name, metric_obj in metrics.items()})
         cost, basis = serving_cost(m, inputs)
         tokens, tbasis = _tokens_per_request(m)
-        train = _train_record(spec, trains, inputs) if role == "specialist" else None
         candidates.append(CandidateEvidence(
             spec=spec, kind=m.get("kind") or "unknown", role=role, bench_run=run["id"], quality=quality,
             paired=pair, latency=_latency(m, store, task.name), throughput_rps=m.get("throughput_rps"),
@@ -103,17 +106,18 @@ def gather(store: Store, task: Task, ds: Dataset, inputs: Inputs, *, prices=None
     for c in candidates:
         c.tfp = token_factor_productivity(c, metric, inputs)
     return Evidence(reference=reference, metric=metric, test_rows=len(common), candidates=candidates,
-                    prices_as_of=price.as_of if price else None, notes=notes)
+                    prices_as_of=price.as_of if price else None, notes=notes, train_runs=train_runs)
 
 
 CAUSAL_METHODS = ("lora", "full", "distill", "grpo")
 
 
-def not_benched(store: Store, task: str, dataset_id: str, candidates: list[CandidateEvidence]) -> list[str]:
+def not_benched(ev: Evidence, dataset_id: str) -> list[str]:
     """What the decision was not shown: trained runs never benched, and the kinds of candidate
     (an untrained small LM, a causal-LM specialist) that were not run at all."""
+    candidates = ev.candidates
     benched = {c.spec[4:] for c in candidates if c.spec.startswith("run:")}
-    trains = [r for r in runs_of(store, task, "train") if r["dataset_id"] == dataset_id
+    trains = [r for r in ev.train_runs if r["dataset_id"] == dataset_id
               and not (r["config"] or {}).get("train_fraction")]
     notes = [f"trained but not benched: run:{r['id']} ({(r['config'] or {}).get('method')}); bench it to weigh it in"
              for r in trains if not any(r["id"].startswith(b) for b in benched)]
@@ -142,15 +146,17 @@ def _outputs(run: dict) -> dict[str, dict]:
     return {r["id"]: r for r in (orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip())}
 
 
-def _role(spec: str, reference: str) -> str:
+def _role(spec: str, reference: str, train: dict | None) -> str:
     if spec == reference:
         return "reference"
+    # taught only by the frontier's replies and scored out of fold: evidence of what
+    # distillation from the logs inherits, never the recommendation
+    if spec.startswith("student:") or (train or {}).get("method") == "student":
+        return "student"
     if spec.startswith("run:"):
         return "specialist"
     if spec.startswith("hf:"):
         return "base"
-    if spec.startswith("student:"):  # scored out of fold: evidence of what distillation inherits, not deployable
-        return "student"
     return "baseline"
 
 

@@ -5,6 +5,8 @@ quantization for CPU serving. Base-model names resolve to folders in protege/bas
 
 from __future__ import annotations
 
+import contextlib
+
 from ..errors import ProtegeError
 
 
@@ -64,3 +66,52 @@ def quantize_int8(model, spec: str = "model"):
         # torch marks the eager-mode API deprecated in favour of torchao; it still works and needs no extra package
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def resolve_pooling(model, setting: str, spec: str = "model") -> str:
+    """How a sequence classifier reads its input: `mean` (the mean of the token states, how
+    sentence encoders such as all-MiniLM-L6-v2 were trained to embed; needs a head that is one
+    linear layer, as the BERT family has) or `cls` (the model's own pooling, usually the first
+    token). `auto`: mean where the head allows it, else cls."""
+    import torch
+
+    fits = isinstance(getattr(model, "classifier", None), torch.nn.Linear) and hasattr(model, "dropout")
+    if setting == "auto":
+        return "mean" if fits else "cls"
+    if setting == "mean" and not fits:
+        raise ProtegeError(f"{spec}: pooling mean needs a model whose classification head is one linear layer (the "
+                           f"BERT family; this is {type(model).__name__}): set pooling to cls or auto")
+    if setting not in ("mean", "cls"):
+        raise ProtegeError(f"{spec}: pooling must be mean, cls or auto (got {setting!r})")
+    return setting
+
+
+def drop_unused_pooler(model, pooling: str) -> None:
+    """With mean pooling the encoder's own pooler computes nothing used (and DDP requires every
+    parameter to take part), so it goes."""
+    if pooling == "mean" and getattr(model.base_model, "pooler", None) is not None:
+        model.base_model.pooler = None
+
+
+def sequence_logits(model, input_ids, attention_mask, pooling: str):
+    """Logits of a sequence classifier under `pooling` (see resolve_pooling)."""
+    if pooling == "cls":
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    weight = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+    return model.classifier(model.dropout(pooled))
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off while loading a classifier: a new head is "missing from the
+    checkpoint" by design, and a mean-pooled model was saved without the pooler it does not use."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

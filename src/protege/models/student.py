@@ -11,7 +11,9 @@ none by a student that saw it. The score shows how much of the teacher's error a
 inherits; the student itself is evidence, not a deployable model (a student trained on all
 the logs would be).
 
-Options: `folds` (default 3), `k` (neighbours voting for the confidence, default 10). The
+Only replies a recorded model gave teach (a labelled ticket's answer is a human's). Options:
+`folds` (default 3), `k` (neighbours voting for the confidence, default 10), `teacher` (the
+recorded model whose replies teach; default every recorded model). The
 encoder is any HF encoder (`student:knn:ID_OR_PATH`), mean-pooled as in `knn:`.
 """
 
@@ -27,7 +29,15 @@ from .knn import Encoder, vote
 
 
 def fold_of(text: str, folds: int) -> int:
+    """The part (0 .. folds-1) an input belongs to, by a hash of its text."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % folds
+
+
+def taught(row: dict, teacher: str | None = None) -> bool:
+    """Whether a row carries a reply a recorded model gave (with `teacher`, that model): a
+    labelled ticket or a test file's answer has no model, and teaches no student."""
+    model = (row.get("recorded") or {}).get("model")
+    return bool(row.get("output")) and model is not None and (teacher is None or model == teacher)
 
 
 class Student:
@@ -40,6 +50,7 @@ class Student:
                                f"{ctx.task.kind})")
         self.folds = option(options, "folds", 3, int, spec)
         self.k = option(options, "k", 10, int, spec)
+        self.teacher = option(options, "teacher", None, str, spec)
         if self.folds < 2:
             raise ProtegeError(f"candidate {spec}: folds must be 2 or more (got {self.folds})")
         self.encoder = Encoder(encoder, ctx)
@@ -50,10 +61,11 @@ class Student:
         emb = self.encoder([r["input"] for r in rows], progress=progress)
         row_fold = [fold_of(r["input"], self.folds) for r in rows]
         for r, e, f in zip(rows, emb, row_fold):
-            if r.get("output"):
+            if taught(r, self.teacher):
                 self.pool.setdefault(r["id"], (e, r["output"], f))
         if not self.pool:
-            raise ProtegeError(f"candidate {self.spec}: the rows carry no recorded replies to learn from")
+            raise ProtegeError(f"candidate {self.spec}: the rows carry no reply of "
+                               f"{self.teacher or 'a recorded model'} to learn from")
         ids = list(self.pool)
         pool_emb = np.stack([self.pool[i][0] for i in ids])
         pool_labels = [self.pool[i][1] for i in ids]

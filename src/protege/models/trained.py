@@ -1,7 +1,8 @@
 """`run:RUN_ID`: a specialist trained by `protege train`, as a bench candidate.
 
 The run's output folder says which method made it (`protege.json`); classifiers answer
-with the most probable label and a probability for every label.
+with the most probable label and a probability for every label; a student (train/student.py)
+answers each input with the fold classifier that never saw it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import orjson
 
 from ..errors import ProtegeError
 from .base import Context, Prediction, option
+from .hf import drop_unused_pooler, quantize_int8, quiet_transformers, resolve_pooling, sequence_logits
 
 
 class TrainedClassifier:
@@ -24,14 +26,15 @@ class TrainedClassifier:
         self.spec = f"run:{run_id}"
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder)
+        with quiet_transformers():
+            self.model = AutoModelForSequenceClassification.from_pretrained(folder)
         self.model.eval()
+        self.pooling = resolve_pooling(self.model, meta.get("pooling", "cls"), self.spec)  # older runs: cls
+        drop_unused_pooler(self.model, self.pooling)
         quantize = option(options, "quantize", "none", str, self.spec)
         if quantize not in ("none", "int8"):
             raise ProtegeError(f"{self.spec}: quantize must be none or int8")
         if quantize == "int8":
-            from .hf import quantize_int8
-
             self.model = quantize_int8(self.model, self.spec)
             self.spec += "?quantize=int8"
         self.labels = meta["labels"]
@@ -49,7 +52,8 @@ class TrainedClassifier:
             enc = self.tokenizer([rows[i]["input"] for i in idx], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
             with torch.inference_mode():
-                probs = torch.softmax(self.model(**enc).logits.float(), dim=-1)
+                logits = sequence_logits(self.model, enc["input_ids"], enc["attention_mask"], self.pooling)
+                probs = torch.softmax(logits.float(), dim=-1)
             for r, i in enumerate(idx):
                 p = probs[r].tolist()
                 best = max(range(len(p)), key=p.__getitem__)
@@ -58,6 +62,38 @@ class TrainedClassifier:
                                     label_probs=dict(zip(self.labels, p)))
             if progress:
                 progress(len(idx))
+        return out
+
+    def close(self):
+        pass
+
+
+class TrainedStudent:
+    """Method student's folds: each input is answered by the classifier of its part (by a hash
+    of its text), which learnt from the other parts only."""
+
+    kind = "local"
+
+    def __init__(self, run_id: str, folder: Path, meta: dict, options: dict, ctx: Context):
+        self.folds = []
+        for k in range(meta["folds"]):
+            sub = folder / f"fold-{k + 1}"
+            if not (sub / "protege.json").exists():
+                raise ProtegeError(f"run {run_id}: its student's {sub.name} is missing or incomplete ({sub})")
+            self.folds.append(TrainedClassifier(run_id, sub, orjson.loads((sub / "protege.json").read_bytes()),
+                                                options, ctx))
+        self.spec = self.folds[0].spec
+
+    def predict(self, rows, progress=None):
+        from .student import fold_of
+
+        out = [None] * len(rows)
+        part = [fold_of(r["input"], len(self.folds)) for r in rows]
+        for k, model in enumerate(self.folds):
+            mine = [i for i, p in enumerate(part) if p == k]
+            if mine:
+                for i, p in zip(mine, model.predict([rows[i] for i in mine], progress=progress)):
+                    out[i] = p
         return out
 
     def close(self):
@@ -84,6 +120,8 @@ def specialist(folder: Path, meta: dict, run_id: str | None, options: dict, ctx:
     method = meta.get("method")
     if method == "classifier":
         return TrainedClassifier(run_id or folder.name, folder, meta, options, ctx)
+    if method == "student":
+        return TrainedStudent(run_id or folder.name, folder, meta, options, ctx)
     if method in ("lora", "full", "distill", "grpo"):
         from .causal import CausalLM
 

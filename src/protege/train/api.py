@@ -4,7 +4,8 @@ launch several processes through torchrun.
     protege train TASK --base smollm2-135m --method lora [--nproc 2]
     protege train TASK --resume RUN_ID
 
-Methods: classifier, lora, full, distill (relabel the train inputs with a teacher, record
+Methods: classifier, student (classifiers taught only by the recorded frontier replies, out
+of fold: student.py), lora, full, distill (relabel the train inputs with a teacher, record
 that as a new dataset version, then LoRA SFT on it) and grpo (see grpo.py).
 """
 
@@ -56,6 +57,9 @@ def train(store: Store, task: Task, dataset: Dataset, home: Path, base: str, met
     """Train a specialist; returns the run id (bench it as run:RUN_ID)."""
     dist = Dist.from_env()
     extra = {}
+    if method == "student" and train_fraction is not None:
+        raise ProtegeError("method student learns from every reply the teacher gave: it has no learning curve "
+                           "(train_fraction); curve the method the student is compared with")
     if method == "distill":
         dataset = distill_dataset(store, task, dataset, home, recipe.teacher, console=console, dist=dist,
                                   prices=prices)
@@ -98,9 +102,16 @@ def _run(store, task, dataset, home, base, method, recipe, run_id, *, time_budge
          on_step, resume: bool, dist: Dist) -> None:
     folder = Path(home) / "runs" / run_id
     try:
-        job = build_job(store, task, dataset, home, base, method, recipe, folder, run_id, train_fraction)
-        metrics = run_loop(store, run_id, folder, job, recipe, time_budget_min=time_budget_min, console=console,
-                           resume=resume, dist=dist, on_step=on_step)
+        if method == "student":  # one classifier per fold, each through the loop
+            from .student import train_student
+
+            metrics = train_student(store, task, dataset, home, base, recipe, folder, run_id,
+                                    time_budget_min=time_budget_min, console=console, resume=resume, dist=dist,
+                                    on_step=on_step)
+        else:
+            job = build_job(store, task, dataset, home, base, method, recipe, folder, run_id, train_fraction)
+            metrics = run_loop(store, run_id, folder, job, recipe, time_budget_min=time_budget_min,
+                               console=console, resume=resume, dist=dist, on_step=on_step)
         if dist.main:
             update_run(store, run_id, status="done", metrics=metrics)
     except BaseException as exc:

@@ -60,6 +60,23 @@ class ClassifierRecipe(_Recipe):
     init_head: Literal["centroids", "random"] = "centroids"
     """Start the head from class centroids of the pooled features (converges in far fewer
     steps than a random head) or randomly."""
+    pooling: Literal["auto", "mean", "cls"] = "auto"
+    """What the head reads: `mean` of the token states (how sentence encoders such as
+    all-MiniLM-L6-v2 were trained; BERT-family heads), `cls` (the model's own pooler, the
+    first token; what `transformers.pipeline` applies), `auto`: mean where the head allows it."""
+
+
+class StudentRecipe(ClassifierRecipe):
+    """A classifier taught only by the frontier's recorded replies, out of fold (method `student`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folds: int = Field(3, ge=2, le=20)
+    """Parts the taught rows are cut into (by a hash of the input text); one classifier per
+    part learns from the other parts and answers for its own."""
+    teacher: str | None = None
+    """The recorded model whose replies teach (a trace's `model`, e.g. gpt-4); default: every
+    row with a recorded model's reply."""
 
 
 class _Run(_Recipe):
@@ -138,8 +155,8 @@ class GRPORecipe(_Run):
     early_stop_patience: int = Field(5, ge=1)
 
 
-RECIPES = {"classifier": ClassifierRecipe, "lora": SFTRecipe, "full": SFTRecipe, "distill": DistillRecipe,
-           "grpo": GRPORecipe}
+RECIPES = {"classifier": ClassifierRecipe, "student": StudentRecipe, "lora": SFTRecipe, "full": SFTRecipe,
+           "distill": DistillRecipe, "grpo": GRPORecipe}
 
 
 def _coerce(text: str) -> Any:
