@@ -50,7 +50,7 @@ train_once() {
   echo "$id"
 }
 
-step "4/8 Train the specialist on the labelled tickets: MiniLM + classification head, 1.25 epochs (about 2.5 minutes; reused when done)"
+step "4/8 Train the specialist on the labelled tickets: MiniLM + classification head, 1.25 epochs (about 2 minutes; reused when done)"
 clf=$(train_once classifier --base minilm --config recipes/classifier.yaml --set epochs=1.25)
 candidates=(-c replay -c knn:minilm -c "student:knn:minilm?folds=3" -c "run:$clf")
 
