@@ -17,7 +17,8 @@ route_app = typer.Typer(help="Cascade routing between a specialist and the front
 
 def serve_cmd(
     ctx: typer.Context,
-    target: str = typer.Argument(..., help="run:RUN_ID, a run id, or a model folder made by protege train."),
+    target: Optional[str] = typer.Argument(None, help="run:RUN_ID, a run id, or a model folder made by protege "
+                                           "train; leave it out to serve --task's active deployment and follow it."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
     fallback: Optional[str] = typer.Option(None, "--fallback", help="openai:MODEL@BASE_URL answering low-confidence requests."),
@@ -26,7 +27,10 @@ def serve_cmd(
                                               "(protege route calibrate picks it)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PROTEGE_SERVE_API_KEY",
                                           help="Require Authorization: Bearer KEY."),
-    task_file: Optional[Path] = typer.Option(None, "--task", help="The task file (default: the one the run recorded)."),
+    task_file: Optional[Path] = typer.Option(None, "--task", help="The task file (default: the one the run recorded); "
+                                             "alone, serve the task's active deployment."),
+    poll_s: float = typer.Option(2.0, "--poll-s", min=0.05, help="With --task alone: how often to look for a new "
+                                 "deployment."),
     max_body_kb: int = typer.Option(1024, "--max-body-kb", min=1, help="Largest request accepted."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most requests answered in one model call."),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0, help="Under load, how long the model lets "
@@ -45,15 +49,34 @@ def serve_cmd(
         raise ProtegeError("--fallback and --threshold go together: the fallback answers below the threshold")
     s = settings(ctx)
     store = open_store(ctx)
-    name, predict, task, run_id = load_specialist(target, store, s.ensure_home(),
-                                                  str(task_file) if task_file else None, {"quantize": quantize})
-    fb = Fallback(fallback) if fallback else None
+    deployment, background = None, ()
+    if target is None:
+        if task_file is None:
+            raise ProtegeError("name what to serve: run:RUN_ID, or --task TASK_FILE for the task's active deployment")
+        if fallback is not None:
+            raise ProtegeError("--task alone serves the deployment's own --threshold and --fallback (`protege deploy "
+                               "... --threshold T --fallback F`); drop them here")
+        from ..serve.follow import Follower, initial
+        from ..tasks.spec import load_task
+
+        task = load_task(task_file)
+        deployment, served = initial(store, task.name, s.ensure_home(), str(task_file), {"quantize": quantize})
+        name, predict, run_id, fb, threshold = served.name, served.predict, served.run_id, served.fallback, \
+            served.threshold
+        background = (Follower(store, task.name, s.ensure_home(), str(task_file), deployment, poll_s=poll_s,
+                               options={"quantize": quantize}),)
+    else:
+        name, predict, task, run_id = load_specialist(target, store, s.ensure_home(),
+                                                      str(task_file) if task_file else None, {"quantize": quantize})
+        fb = Fallback(fallback) if fallback else None
     writer = None if no_traces else TraceWriter.for_settings(s)
     app = ServeApp(name, predict, task=task.name, writer=writer, fallback=fb, threshold=threshold, api_key=api_key,
                    max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id,
-                   batch_wait_s=batch_wait_ms / 1000)
+                   batch_wait_s=batch_wait_ms / 1000, deployment=deployment["id"] if deployment else None,
+                   background=background)
     route = f", below {threshold} → {fb.model}" if fb else ""
-    err.print(f"protege serve: {name} on http://{host}:{port}/v1{route}"
+    following = f"  (deployment {deployment['id'][:13]}, followed every {poll_s:g} s)" if deployment else ""
+    err.print(f"protege serve: {name} on http://{host}:{port}/v1{route}{following}"
               f"{'  (auth on)' if api_key else ''}  (traces: {'off' if no_traces else s.home})")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_server(app, host=host, port=port)

@@ -54,9 +54,10 @@ def runs_of(store: Store, task: str, kind: str) -> list[RunRecord]:
 def gather(store: Store, task: Task, ds: Dataset, inputs: Inputs, *, prices=None,
            home: Path | None = None) -> Evidence:
     """Every candidate's newest bench on dataset `ds`, rescored on the shared test rows."""
-    # a learning curve's benches score its points, not candidates for this decision
+    # tagged benches are not candidates for this decision: a learning curve's score its
+    # points, the promotion gate's compare two runs with the serving one as their reference
     benches = [r for r in runs_of(store, task.name, "bench")
-               if r["dataset_id"] == ds.id and (r["config"] or {}).get("tag") != "curve"]
+               if r["dataset_id"] == ds.id and not (r["config"] or {}).get("tag")]
     if not benches:
         raise ProtegeError(f"no bench runs for task {task.name} on dataset {ds.id}: run `protege bench "
                            f"{task.path or 'TASK_FILE'} -c REFERENCE -c CANDIDATE ...` first")

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import orjson
 
@@ -48,30 +50,79 @@ class RequestError(Exception):
                                        "code": self.kind if self.status != 401 else "invalid_api_key"}})
 
 
+@dataclass(frozen=True)
+class Served:
+    """What answers: the specialist and its cascade. Swapped whole by `ServeApp.switch`; each
+    batch is answered by the one that was current when the batch started."""
+
+    name: str
+    predict: Callable
+    run_id: str | None = None
+    threshold: float | None = None
+    fallback: Fallback | None = None
+    deployment: str | None = None
+
+
 class ServeApp:
-    """ASGI app serving one specialist."""
+    """ASGI app serving one specialist (or a task's deployment, switching when it changes)."""
 
     def __init__(self, name: str, predict, *, task: str | None, writer: TraceWriter | None = None,
                  fallback: Fallback | None = None, threshold: float | None = None, api_key: str | None = None,
                  max_body_bytes: int = 1_000_000, max_batch: int = 32, run_id: str | None = None,
-                 batch_wait_s: float = 0.005):
-        self.name, self.task, self.writer = name, task, writer
-        self.fallback, self.threshold, self.api_key = fallback, threshold, api_key
-        self.max_body_bytes, self.run_id = max_body_bytes, run_id
+                 batch_wait_s: float = 0.005, deployment: str | None = None, background: tuple = ()):
+        self.served = Served(name, predict, run_id, threshold, fallback, deployment)
+        self.task, self.writer, self.api_key = task, writer, api_key
+        self.max_body_bytes = max_body_bytes
         self.metrics = Metrics()
-        self.batcher = Batcher(predict, max_batch=max_batch, metrics=self.metrics, wait_s=batch_wait_s)
+        self.batcher = Batcher(self._answer, max_batch=max_batch, metrics=self.metrics, wait_s=batch_wait_s)
+        self.background, self.tasks = background, []
+        """Coroutine functions run beside the server (`f(app)`), e.g. following a deployment."""
+        self.retired: list[Fallback] = []
         self.started = time.time()
+
+    @property
+    def name(self) -> str:
+        return self.served.name
+
+    @property
+    def run_id(self) -> str | None:
+        return self.served.run_id
+
+    @property
+    def threshold(self) -> float | None:
+        return self.served.threshold
+
+    @property
+    def fallback(self) -> Fallback | None:
+        return self.served.fallback
+
+    def _answer(self, rows: list[dict]) -> list[tuple]:
+        served = self.served  # read once: a switch applies from the next batch on
+        return [(p, served) for p in served.predict(rows)]
+
+    def switch(self, served: Served) -> None:
+        """Answer with `served` from the next batch on; requests in flight finish as they began
+        (the old fallback client is closed at shutdown, never under a request using it)."""
+        old = self.served
+        self.served = served
+        self.metrics.switches += 1
+        if old.fallback is not None and old.fallback is not served.fallback:
+            self.retired.append(old.fallback)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    self.tasks = [asyncio.create_task(f(self)) for f in self.background]
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    for t in self.tasks:
+                        t.cancel()
                     self.batcher.close()
-                    if self.fallback:
-                        await self.fallback.close()
+                    for fb in [self.fallback, *self.retired]:
+                        if fb is not None:
+                            await fb.close()
                     if self.writer:
                         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
                     await send({"type": "lifespan.shutdown.complete"})
@@ -93,7 +144,8 @@ class ServeApp:
     async def _handle(self, scope, receive, send):
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
         if path == "/healthz":
-            await _send(send, 200, orjson.dumps({"status": "ok", "model": self.name,
+            await _send(send, 200, orjson.dumps({"status": "ok", "model": self.name, "run_id": self.run_id,
+                                                 "deployment": self.served.deployment,
                                                  "uptime_s": round(time.time() - self.started, 1)}))
             return
         if path == "/metrics":
@@ -174,34 +226,36 @@ class ServeApp:
             raise RequestError(400, "the last user message has no text content", param="messages")
         loop = asyncio.get_running_loop()
         try:
-            pred = await self.batcher.submit(row, loop)
+            pred, served = await self.batcher.submit(row, loop)
         except Exception as exc:
-            self._trace(body, None, "specialist", None, time.perf_counter() - t0, error=str(exc), status=500)
+            self._trace(self.served, body, None, "specialist", None, time.perf_counter() - t0, error=str(exc),
+                        status=500)
             raise RequestError(500, f"the specialist failed: {type(exc).__name__}: {exc}", kind="server_error") \
                 from None
         confidence = pred.confidence
-        answered_by, model, text, usage, upstream_status = "specialist", self.name, pred.output, None, 200
-        if self.fallback and self.threshold is not None and (confidence is None or confidence < self.threshold):
-            data, upstream_status = await self.fallback.complete(body)
+        fb, threshold = served.fallback, served.threshold
+        answered_by, model, text, usage, upstream_status = "specialist", served.name, pred.output, None, 200
+        if fb and threshold is not None and (confidence is None or confidence < threshold):
+            data, upstream_status = await fb.complete(body)
             text, problem = fallback_answer(data, upstream_status)
             if problem is not None:
                 status = upstream_status if upstream_status >= 400 else 502
                 self.metrics.errors[status] = self.metrics.errors.get(status, 0) + 1
-                self._trace(body, None, "fallback", confidence, time.perf_counter() - t0, error=problem,
+                self._trace(served, body, None, "fallback", confidence, time.perf_counter() - t0, error=problem,
                             status=upstream_status, response=data)
                 error = data.get("error") if isinstance(data, dict) and upstream_status >= 400 else None
                 payload = {"error": error if isinstance(error, dict) else
-                           {"message": f"the fallback {self.fallback.model} failed: {problem}",
+                           {"message": f"the fallback {fb.model} failed: {problem}",
                             "type": "upstream_error", "param": None, "code": "upstream_error"}}
                 await _send(send, status, orjson.dumps(payload))
                 return
-            answered_by, model = "fallback", normalize.model_name(data) or self.fallback.model
+            answered_by, model = "fallback", normalize.model_name(data) or fb.model
             usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
         elapsed = time.perf_counter() - t0
         self.metrics.observe(elapsed, answered_by)
-        self._trace(body, text, answered_by, confidence, elapsed, model=model, usage=usage)
+        self._trace(served, body, text, answered_by, confidence, elapsed, model=model, usage=usage)
         cid = "chatcmpl-" + uuid7().replace("-", "")
-        extra = {"answered_by": answered_by, "confidence": confidence, "specialist": self.name}
+        extra = {"answered_by": answered_by, "confidence": confidence, "specialist": served.name}
         headers = [(b"x-protege-answered-by", answered_by.encode())]
         if confidence is not None:
             headers.append((b"x-protege-confidence", f"{confidence:.6f}".encode()))
@@ -219,19 +273,20 @@ class ServeApp:
                "usage": usage, "protege": extra}
         await _send(send, 200, orjson.dumps(out), headers=headers)
 
-    def _trace(self, body, text, answered_by, confidence, seconds, *, model=None, usage=None, error=None,
-               status=200, response=None) -> None:
+    def _trace(self, served: Served, body, text, answered_by, confidence, seconds, *, model=None, usage=None,
+               error=None, status=200, response=None) -> None:
         if self.writer is None:
             return
         usage = usage or {}
         self.writer.submit(TraceRecord(
             request=body, response=response, output_text=text, source="serve", task=self.task or (body.get("metadata") or {}).get(
                 "protege_task"), provider="protege" if answered_by == "specialist" else "fallback",
-            model=model or self.name, prompt_tokens=usage.get("prompt_tokens"),
+            model=model or served.name, prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"), latency_ms=seconds * 1000, stream=bool(body.get("stream")),
             status="ok" if error is None else "error", http_status=status, error=error,
-            metadata={"answered_by": answered_by, "confidence": confidence, "specialist": self.name,
-                      "run_id": self.run_id, "threshold": self.threshold}))
+            metadata={"answered_by": answered_by, "confidence": confidence, "specialist": served.name,
+                      "run_id": served.run_id, "threshold": served.threshold,
+                      **({"deployment": served.deployment} if served.deployment else {})}))
 
 
 async def _send(send, status: int, body: bytes, *, content_type: bytes = b"application/json",

@@ -16,6 +16,8 @@ class Metrics:
     latency_sum: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
     """Model calls, by how many requests each answered."""
+    switches: int = 0
+    """Times the served deployment changed (protege deploy / rollback, followed by the server)."""
 
     @property
     def batches(self) -> int:
@@ -73,5 +75,8 @@ class Metrics:
             cum += sum(n for size, n in sizes.items() if b // 2 < size <= b)
             lines.append(f'protege_serve_batch_size_bucket{{le="{b}"}} {cum}')
         lines += [f'protege_serve_batch_size_bucket{{le="+Inf"}} {batches}',
-                  f"protege_serve_batch_size_sum {batched}", f"protege_serve_batch_size_count {batches}"]
+                  f"protege_serve_batch_size_sum {batched}", f"protege_serve_batch_size_count {batches}",
+                  "# HELP protege_serve_deployment_switches_total Times the served deployment changed.",
+                  "# TYPE protege_serve_deployment_switches_total counter",
+                  f"protege_serve_deployment_switches_total {self.switches}"]
         return ("\n".join(lines) + "\n").encode()

@@ -72,3 +72,27 @@ runs = sa.Table(
     sa.Column("finished_at", Timestamp),
     sa.Index("ix_runs_task_kind", "task", "kind"),
 )
+
+deployments = sa.Table(
+    "deployments",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("task", sa.String(200), nullable=False),
+    sa.Column("run_id", sa.String(36), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("threshold", sa.Float),
+    sa.Column("fallback", sa.Text),
+    sa.Column("options", JSONType, nullable=False),
+    sa.Column("evidence", JSONType, nullable=False),
+    sa.Column("forced", sa.Boolean, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("previous_id", sa.String(36)),
+    sa.Column("ended_at", Timestamp),
+    sa.Column("ended_by", sa.String(200)),
+    sa.Column("end_reason", sa.Text),
+    sa.Index("ix_deployments_task_created", "task", "created_at"),
+    # at most one active deployment per task, whatever races: the store refuses a second
+    sa.Index("uq_deployments_one_active", "task", unique=True, sqlite_where=sa.text("status = 'active'"),
+             postgresql_where=sa.text("status = 'active'")),
+)

@@ -20,7 +20,7 @@ from ..errors import NotFoundError, StoreError
 from . import schema
 from .record import TraceRecord
 
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 ID_CHARS = frozenset("0123456789abcdef-")
 """What trace and run ids are made of (lowercase UUIDs, ids.uuid7)."""
 _migrate_lock = threading.Lock()

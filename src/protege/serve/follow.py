@@ -1,0 +1,86 @@
+"""`protege serve --task TASK_FILE`: serve the task's active deployment, and follow it.
+
+Every `poll_s` seconds the server reads the task's active deployment from the store (every
+server process sharing one PostgreSQL store sees the same one). When it changes (`protege
+deploy`, `protege rollback`), the new run is loaded beside the old on a worker thread, then
+swapped in whole (model, threshold, fallback) between two batches: no request is dropped or
+fails, requests in flight finish on the model that began them, and every trace names the
+deployment that answered it. A run that cannot be loaded is logged as an error and the old
+one keeps serving; with no active deployment left the server keeps the last one and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..deploy.registry import DeploymentRecord, current
+from ..errors import ProtegeError
+from .app import ServeApp, Served
+from .fallback import Fallback
+from .specialist import load_specialist
+
+log = logging.getLogger("protege.serve")
+
+
+def served_for(d: DeploymentRecord, store, home, task_file: str, options: dict) -> Served:
+    """Load what deployment `d` serves (slow: a model load)."""
+    name, predict, _, run_id = load_specialist(f"run:{d['run_id']}", store, home, task_file,
+                                               {**d["options"], **options})
+    return Served(name, predict, run_id, d["threshold"], Fallback(d["fallback"]) if d["fallback"] else None, d["id"])
+
+
+def initial(store, task: str, home, task_file: str, options: dict) -> tuple[DeploymentRecord, Served]:
+    d = current(store, task)
+    if d is None:
+        raise ProtegeError(f"task {task} has no active deployment: `protege deploy {task_file} run:RUN_ID` makes one "
+                           "(or serve a run directly: `protege serve run:RUN_ID`)")
+    return d, served_for(d, store, home, task_file, options)
+
+
+class Follower:
+    """The background job that keeps a ServeApp on the task's active deployment."""
+
+    def __init__(self, store, task: str, home, task_file: str, deployment: DeploymentRecord, *,
+                 poll_s: float = 2.0, options: dict | None = None):
+        self.store, self.task, self.home, self.task_file = store, task, home, task_file
+        self.deployment, self.poll_s, self.options = deployment, poll_s, dict(options or {})
+        self.refused: set[str] = set()
+        """Deployments that failed to load: logged once, not retried every poll."""
+        self.warned_none = False
+
+    async def __call__(self, app: ServeApp) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.check(app, loop)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store unreachable, say: keep serving what we have
+                log.error("protege serve: cannot read task %s's deployment (%s: %s); still serving deployment %s",
+                          self.task, type(exc).__name__, exc, self.deployment["id"])
+
+    async def check(self, app: ServeApp, loop) -> None:
+        d = await loop.run_in_executor(None, current, self.store, self.task)
+        if d is None:
+            if not self.warned_none:
+                log.error("protege serve: task %s has no active deployment any more; still serving deployment %s",
+                          self.task, self.deployment["id"])
+                self.warned_none = True
+            return
+        self.warned_none = False
+        if d["id"] == self.deployment["id"] or d["id"] in self.refused:
+            return
+        try:
+            served = await loop.run_in_executor(None, served_for, d, self.store, self.home, self.task_file,
+                                                self.options)
+        except Exception as exc:
+            self.refused.add(d["id"])
+            log.error("protege serve: deployment %s (run %s) cannot be loaded (%s: %s); still serving deployment %s",
+                      d["id"], d["run_id"], type(exc).__name__, exc, self.deployment["id"])
+            return
+        app.switch(served)
+        log.warning("protege serve: task %s now served by deployment %s (run %s, was %s)", self.task, d["id"],
+                    d["run_id"], self.deployment["id"])
+        self.deployment = d

@@ -1,0 +1,183 @@
+"""Deployments: the promotion gate refuses a worse run and accepts a better one, rollback
+restores the previous run, and a server following the task switches without dropping or
+failing a request."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+from helpers import ServerThread, make_banking, run, wait_for
+
+from protege.deploy.registry import activate, current, get_deployment, list_deployments, rollback
+from protege.errors import ProtegeError
+
+
+def said(text: str) -> str:
+    return " ".join(text.split())
+
+
+def train_pair(store, tmp_path, home, tiny_bert):
+    """(task, dataset, a MiniLM classifier that learnt, a tiny random one that barely did)."""
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(store, tmp_path, home)
+    good = train(store, task, ds, home, "minilm", "classifier",
+                 load_recipe("classifier", overrides=["epochs=3", "batch_size=16", "eval_every=5"]))
+    # a random head that hardly moves: near chance (1 in 6)
+    bad = train(store, task, ds, home, tiny_bert, "classifier", load_recipe(
+        "classifier", overrides=["epochs=0.1", "init_head=random", "lr=1e-7", "head_lr=1e-7"]))
+    return task, ds, good, bad
+
+
+def test_gate_refuses_a_worse_run_accepts_a_better_one_and_rollback_restores(sqlite_store, tmp_path, home,
+                                                                               tiny_bert, capsys):
+    task, ds, good, bad = train_pair(sqlite_store, tmp_path, home, tiny_bert)
+    db = ["--db", sqlite_store.url]
+    # no frontier benched yet: the bar is unknown, and unknown never passes
+    code, out, err = run(capsys, *db, "deploy", str(task.path), f"run:{good}")
+    assert code == 1 and "FAIL clears the bar: the bar is unknown" in said(out) and "not deployed" in err
+    assert current(sqlite_store, task.name) is None
+    code, _, err = run(capsys, *db, "bench", str(task.path), "-c", "replay", "--latency-samples", "1")
+    assert code == 0, err
+    ref = next(r for r in json.loads(run(capsys, *db, "runs", "list", "--kind", "bench", "--json")[1])
+               if r["config"]["candidate"] == "replay")["metrics"]["metrics"]["accuracy"]["value"]
+
+    # the tiny run is far under the bar: refused, then forced (and recorded as forced)
+    code, out, err = run(capsys, *db, "deploy", str(task.path), f"run:{bad}", "--tolerance", "0.3")
+    assert code == 1 and "FAIL clears the bar" in said(out) and "pass not worse than the serving run" in said(out)
+    code, out, err = run(capsys, *db, "deploy", str(task.path), f"run:{bad}", "--tolerance", "0.3", "--force",
+                         "--by", "ci")
+    assert code == 0, err
+    first = current(sqlite_store, task.name)
+    assert first["run_id"] == bad and first["forced"] and first["created_by"] == "ci"
+    assert first["evidence"]["forced_past"] == ["clears the bar"]
+    assert first["evidence"]["bar"]["bar"] == pytest.approx(ref - 0.3)
+
+    # the MiniLM run beats the serving one: the gate passes, citing the paired CI
+    code, out, err = run(capsys, *db, "deploy", str(task.path), f"run:{good}", "--tolerance", "0.3", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    second = result["deployment"]
+    assert second["run_id"] == good and not second["forced"] and second["previous_id"] == first["id"]
+    serving = result["gate"]["serving"]
+    assert serving["run_id"] == bad and serving["difference"] > 0 and serving["difference_ci95"][0] > 0
+    assert get_deployment(sqlite_store, first["id"])["status"] == "replaced"
+
+    # the tiny run again: worse than what serves, so refused, naming the figure
+    code, out, err = run(capsys, *db, "deploy", str(task.path), f"run:{bad}", "--tolerance", "0.3")
+    assert code == 1 and "FAIL not worse than the serving run" in said(out) and "it may be worse" in said(out)
+    assert "not worse than the serving run" in said(err) and current(sqlite_store, task.name)["id"] == second["id"]
+
+    # rollback: what served before serves again, as a new record; the rolled-back one says why
+    code, out, err = run(capsys, *db, "rollback", str(task.path), "--reason", "drift alarm", "--by", "ops")
+    assert code == 0, err
+    third = current(sqlite_store, task.name)
+    assert third["run_id"] == bad and third["evidence"]["rollback"] == {
+        "from": second["id"], "restores": first["id"], "restored_evidence": first["evidence"]}
+    gone = get_deployment(sqlite_store, second["id"])
+    assert (gone["status"], gone["ended_by"], gone["end_reason"]) == ("rolled_back", "ops", "drift alarm")
+    # nothing before the first deployment: a second rollback refuses
+    with pytest.raises(ProtegeError, match="nothing before it to roll back to"):
+        rollback(sqlite_store, task.name)
+    code, out, _ = run(capsys, *db, "deployments", "list", "--task", task.name, "--json")
+    assert [d["status"] for d in json.loads(out)] == ["active", "rolled_back", "replaced"]
+    code, out, _ = run(capsys, *db, "deployments", "show", third["id"][:15])
+    assert code == 0 and f"a rollback from {second['id']}" in said(out)
+    # decide never reads the gate's benches: its reference is still the frontier's replay
+    from protege.decide.analysis import Inputs, decide
+
+    assert decide(sqlite_store, task, Inputs()).reference == "replay"
+
+
+def test_one_active_deployment_per_task_whatever_races(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def deploy(i):
+        try:
+            return activate(store, task="race", run_id=f"r{i}", threshold=None, fallback=None, options={},
+                            evidence={}, forced=True)
+        except ProtegeError as exc:  # lost the race: told so, nothing half-written
+            assert "at the same moment" in str(exc)
+
+    with ThreadPoolExecutor(8) as pool:
+        made = [d for d in pool.map(deploy, range(16)) if d]
+    rows = list_deployments(store, task="race", limit=None)
+    assert sorted(d["id"] for d in rows) == sorted(made)
+    assert [d["status"] for d in rows].count("active") == 1
+
+    sqlite_store = store
+    a = activate(sqlite_store, task="t", run_id="r1", threshold=None, fallback=None, options={}, evidence={},
+                 forced=True)
+    with pytest.raises(ProtegeError, match="changed to"):
+        activate(sqlite_store, task="t", run_id="r2", threshold=None, fallback=None, options={}, evidence={},
+                 forced=True, expect_active="someone-else")
+    from datetime import datetime, timezone
+
+    from protege.traces import schema
+
+    with pytest.raises(Exception, match="(?i)unique"):  # the store itself refuses a second active row
+        with sqlite_store.engine.begin() as conn:
+            conn.execute(schema.deployments.insert().values(
+                id="x", task="t", run_id="r3", status="active", options={}, evidence={}, forced=False,
+                created_by="me", created_at=datetime.now(timezone.utc)))
+    assert [d["id"] for d in list_deployments(sqlite_store, task="t")] == [a]
+    with pytest.raises(ProtegeError, match="no active deployment"):
+        rollback(sqlite_store, "other")
+
+
+def test_server_follows_the_deployment_without_dropping_a_request(sqlite_store, tmp_path, home, tiny_bert):
+    from protege.capture.writer import TraceWriter
+    from protege.serve.app import ServeApp
+    from protege.serve.follow import Follower, initial
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    runs = [train(sqlite_store, task, ds, home, tiny_bert, "classifier",
+                  load_recipe("classifier", overrides=["epochs=0.2", f"seed={i}"])) for i in range(2)]
+    deploy = [activate(sqlite_store, task=task.name, run_id=runs[0], threshold=None, fallback=None, options={},
+                       evidence={}, forced=True)]
+    d, served = initial(sqlite_store, task.name, home, str(task.path), {})
+    writer = TraceWriter(sqlite_store, tmp_path / "spool")
+    follower = Follower(sqlite_store, task.name, home, str(task.path), d, poll_s=0.05)
+    app = ServeApp(served.name, served.predict, task=task.name, writer=writer, run_id=served.run_id,
+                   deployment=d["id"], background=(follower,))
+    answers, stop = [], threading.Event()
+
+    def client(url):
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(f"{url}/v1/chat/completions", json={"model": "m", "messages": [
+                    {"role": "user", "content": "my card has not arrived yet"}]})
+                answers.append((r.status_code, r.json().get("model")))
+
+    with ServerThread(app) as server:
+        threads = [threading.Thread(target=client, args=(server.url,)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            names = [f"protege-{task.name}-{r[:13]}" for r in runs]
+            assert wait_for(lambda: len(answers) > 20)
+            deploy.append(activate(sqlite_store, task=task.name, run_id=runs[1], threshold=None, fallback=None,
+                                   options={}, evidence={}, forced=True))
+            assert wait_for(lambda: answers[-1][1] == names[1], timeout=30)
+            n = len(answers)
+            rollback(sqlite_store, task.name)
+            assert wait_for(lambda: answers[-1][1] == names[0] and len(answers) > n + 20, timeout=30)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        health = httpx.get(f"{server.url}/healthz").json()
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert {status for status, _ in answers} == {200}, "a request failed during a switch"
+    assert {name for _, name in answers} == set(names)
+    assert health["run_id"] == runs[0] and health["deployment"] == current(sqlite_store, task.name)["id"]
+    assert "protege_serve_deployment_switches_total 2" in metrics
+    assert writer.flush(15)
+    served_by = {t["metadata"].get("deployment") for t in sqlite_store.list_traces(limit=10_000, source="serve")}
+    assert {deploy[0], deploy[1]} <= served_by
