@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the shipped BANKING77 data (run it with `make demo`; `make demo-full`
 # adds a SmolLM2-135M LoRA specialist and a MiniLM student fine-tuned on GPT-4's answers alone,
-# roughly 30 more minutes). The story: an app calls GPT-4 to route support messages; GPT-4's
-# real answers are logged and the team reviewed them (examples/banking77/README.md).
+# about 20 more minutes after `make demo`). The story: an app calls GPT-4 to route support
+# messages; GPT-4's real answers are logged and the team reviewed them
+# (examples/banking77/README.md).
 # Re-runnable: what is already done is reused.
 set -euo pipefail
 shopt -s inherit_errexit  # a failing command inside $(...) stops the demo too

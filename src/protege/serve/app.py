@@ -36,6 +36,7 @@ from ..traces.record import TraceRecord
 from .batcher import Batcher
 from .fallback import Fallback, fallback_answer
 from .metrics import Metrics
+from .shadow import Shadow
 
 log = logging.getLogger("protege.serve")
 
@@ -69,7 +70,8 @@ class ServeApp:
     def __init__(self, name: str, predict, *, task: str | None, writer: TraceWriter | None = None,
                  fallback: Fallback | None = None, threshold: float | None = None, api_key: str | None = None,
                  max_body_bytes: int = 1_000_000, max_batch: int = 32, run_id: str | None = None,
-                 batch_wait_s: float = 0.005, deployment: str | None = None, background: tuple = ()):
+                 batch_wait_s: float = 0.005, deployment: str | None = None, background: tuple = (),
+                 shadow: Shadow | None = None):
         self.served = Served(name, predict, run_id, threshold, fallback, deployment)
         self.task, self.writer, self.api_key = task, writer, api_key
         self.max_body_bytes = max_body_bytes
@@ -78,6 +80,9 @@ class ServeApp:
         self.background, self.tasks = background, []
         """Coroutine functions run beside the server (`f(app)`), e.g. following a deployment."""
         self.retired: list[Fallback] = []
+        self.shadow = shadow
+        """Shadow evaluation (shadow.py): a sampled share of the specialist's answers checked
+        against the frontier in the background, after the client has its answer."""
         self.started = time.time()
 
     @property
@@ -123,6 +128,8 @@ class ServeApp:
                     for fb in [self.fallback, *self.retired]:
                         if fb is not None:
                             await fb.close()
+                    if self.shadow is not None:
+                        await self.shadow.close()
                     if self.writer:
                         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
                     await send({"type": "lifespan.shutdown.complete"})
@@ -150,6 +157,8 @@ class ServeApp:
             return
         if path == "/metrics":
             text = self.metrics.render(self.name)
+            if self.shadow is not None:
+                text += ("\n".join(self.shadow.metrics()) + "\n").encode()
             if self.writer is not None:
                 text += ("\n".join(self.writer.metrics("protege_serve")) + "\n").encode()
             await _send(send, 200, text, content_type=b"text/plain; version=0.0.4")
@@ -253,7 +262,7 @@ class ServeApp:
             usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
         elapsed = time.perf_counter() - t0
         self.metrics.observe(elapsed, answered_by)
-        self._trace(served, body, text, answered_by, confidence, elapsed, model=model, usage=usage)
+        trace_id = self._trace(served, body, text, answered_by, confidence, elapsed, model=model, usage=usage)
         cid = "chatcmpl-" + uuid7().replace("-", "")
         extra = {"answered_by": answered_by, "confidence": confidence, "specialist": served.name}
         headers = [(b"x-protege-answered-by", answered_by.encode())]
@@ -266,19 +275,26 @@ class ServeApp:
         if body.get("stream"):
             await _stream(send, cid, created, model, text, usage, extra, headers,
                           include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
-            return
-        out = {"id": cid, "object": "chat.completion", "created": created, "model": model,
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
-                            "logprobs": None}],
-               "usage": usage, "protege": extra}
-        await _send(send, 200, orjson.dumps(out), headers=headers)
+        else:
+            await _send(send, 200, orjson.dumps(self._completion(cid, created, model, text, usage, extra)),
+                        headers=headers)
+        if self.shadow is not None and answered_by == "specialist":  # the client has its answer already
+            self.shadow.maybe(body, text, trace_id, served.name)
+
+    @staticmethod
+    def _completion(cid, created, model, text, usage, extra) -> dict:
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                             "logprobs": None}],
+                "usage": usage, "protege": extra}
 
     def _trace(self, served: Served, body, text, answered_by, confidence, seconds, *, model=None, usage=None,
-               error=None, status=200, response=None) -> None:
+               error=None, status=200, response=None) -> str | None:
+        """Store the request as a trace; returns its id (None when traces are off)."""
         if self.writer is None:
-            return
+            return None
         usage = usage or {}
-        self.writer.submit(TraceRecord(
+        record = TraceRecord(
             request=body, response=response, output_text=text, source="serve", task=self.task or (body.get("metadata") or {}).get(
                 "protege_task"), provider="protege" if answered_by == "specialist" else "fallback",
             model=model or served.name, prompt_tokens=usage.get("prompt_tokens"),
@@ -286,7 +302,9 @@ class ServeApp:
             status="ok" if error is None else "error", http_status=status, error=error,
             metadata={"answered_by": answered_by, "confidence": confidence, "specialist": served.name,
                       "run_id": served.run_id, "threshold": served.threshold,
-                      **({"deployment": served.deployment} if served.deployment else {})}))
+                      **({"deployment": served.deployment} if served.deployment else {})})
+        self.writer.submit(record)
+        return record.id
 
 
 async def _send(send, status: int, body: bytes, *, content_type: bytes = b"application/json",
