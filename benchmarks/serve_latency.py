@@ -133,7 +133,7 @@ async def load(url: str, texts: list[str], concurrency: int, n: int) -> dict:
         wall = time.perf_counter() - t0
     p50, p95 = np.percentile(latencies, [50, 95])
     return {"concurrency": concurrency, "requests": n, "errors": errors, "p50_ms": float(p50), "p95_ms": float(p95),
-            "throughput_rps": n / wall}
+            "throughput_rps": n / wall, "latencies": latencies}
 
 
 def main() -> None:
@@ -187,7 +187,7 @@ def main() -> None:
                 rows = []
                 for c, n in plan[kind].items():
                     r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/chat/completions", texts, c, n))
-                    rows.append(r)
+                    rows.append({k: v for k, v in r.items() if k != "latencies"})  # the summary, not every sample
                     console.print(f"{kind:10s} {server:20s} c={c:<3d} p50 {r['p50_ms']:8.1f} ms  p95 "
                                   f"{r['p95_ms']:8.1f} ms  {r['throughput_rps']:7.1f} req/s  errors {r['errors']}")
             finally:

@@ -181,3 +181,91 @@ def test_server_follows_the_deployment_without_dropping_a_request(sqlite_store, 
     assert writer.flush(15)
     served_by = {t["metadata"].get("deployment") for t in sqlite_store.list_traces(limit=10_000, source="serve")}
     assert {deploy[0], deploy[1]} <= served_by
+
+
+def test_shadow_stores_linked_traces_at_the_set_rate_and_measures_agreement(sqlite_store, tmp_path, home, tiny_bert):
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from protege.capture.writer import TraceWriter
+    from protege.serve.app import ServeApp
+    from protege.serve.fallback import Fallback
+    from protege.serve.shadow import Shadow, agreement_rule
+    from protege.serve.specialist import load_specialist
+    from protege.testing import ScriptedUpstream
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    run_id = train(sqlite_store, task, ds, home, tiny_bert, "classifier", load_recipe("classifier", overrides=["epochs=1"]))
+    name, predict, _, rid = load_specialist(f"run:{run_id}", sqlite_store, home)
+    # the frontier answers in lower case: still the same label as the specialist's card_arrival
+    up = ScriptedUpstream(model="gpt-frontier", reply=lambda req: "CARD_ARRIVAL", delay_ms=20).start()
+    writer = TraceWriter(sqlite_store, tmp_path / "spool")
+    shadow = Shadow(Fallback(f"openai:gpt-frontier@{up.url}"), rate=0.3, floor=0.3, ceiling=0.3,
+                    same=agreement_rule(task), submit=writer.submit, task=task.name, rng=random.Random(1))
+    app = ServeApp(name, predict, task=task.name, writer=writer, run_id=rid, shadow=shadow)
+    texts = [r["input"] for r in ds.split("test")] * 10
+    try:
+        with ServerThread(app) as server:
+            def ask(text):
+                return httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                                  json={"model": "m", "messages": [{"role": "user", "content": text}]}).status_code
+
+            with ThreadPoolExecutor(4) as pool:
+                assert set(pool.map(ask, texts)) == {200}
+            assert wait_for(lambda: shadow.stats.compared + shadow.stats.errors == shadow.stats.sent
+                            and not shadow.in_flight)
+            metrics = httpx.get(f"{server.url}/metrics").text
+    finally:
+        up.stop()
+    n = shadow.stats.sent
+    assert 0.2 * len(texts) <= n <= 0.4 * len(texts) and up.count == n  # 240 requests at 30%
+    assert writer.flush(15)
+    served = {t["id"]: t for t in sqlite_store.list_traces(limit=1000, source="serve")}
+    shadows = sqlite_store.list_traces(limit=1000, source="shadow")
+    assert len(served) == len(texts) and len(shadows) == n
+    agree = 0
+    for t in shadows:
+        twin = served[t["metadata"]["shadow_of"]]  # linked to the served trace it shadows
+        assert t["request"] == twin["request"] and t["output_text"] == "CARD_ARRIVAL"
+        assert t["metadata"]["agrees"] == (twin["output_text"] == "card_arrival")
+        agree += t["metadata"]["agrees"]
+    a = shadow.stats.agreement()
+    assert a["n"] == n and a["value"] == pytest.approx(agree / n)
+    assert a["ci95"][0] <= a["value"] <= a["ci95"][1]
+    assert sum(v["n"] for v in a["per_label"].values()) == n
+    assert f'protege_serve_shadow_requests_total{{outcome="compared"}} {n}' in metrics
+
+
+def test_shadow_rate_rises_with_disagreement_and_falls_when_steady():
+    import asyncio
+
+    from protege.serve.shadow import Shadow
+
+    class Frontier:
+        model = "scripted"
+
+        def __init__(self, answer):
+            self.answer = answer
+
+        async def complete(self, body):
+            return {"choices": [{"message": {"role": "assistant", "content": self.answer}}]}, 200
+
+        async def close(self):
+            pass
+
+    async def drive(answer: str) -> list[float]:
+        shadow = Shadow(Frontier(answer), rate=0.1, floor=0.02, ceiling=0.5, target=0.9, step=20, window=100)
+        rates = []
+        for _ in range(10_000):
+            shadow.maybe({"messages": []}, "a", None, "s")
+            await asyncio.sleep(0)
+            rates.append(shadow.rate)
+        await asyncio.gather(*shadow.in_flight)
+        return rates
+
+    rising, steady = asyncio.run(drive("b")), asyncio.run(drive("a"))
+    assert rising[-1] == 0.5 and steady[-1] == 0.02  # to the ceiling, and down to the floor
+    with pytest.raises(ValueError, match="floor <= rate <= ceiling"):
+        Shadow(Frontier("a"), rate=0.9, ceiling=0.5)

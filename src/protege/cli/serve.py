@@ -38,6 +38,14 @@ def serve_cmd(
     no_traces: bool = typer.Option(False, "--no-traces", help="Do not store served requests as traces."),
     quantize: str = typer.Option("none", "--quantize", help="none | int8: dynamic int8 Linear layers on CPU "
                                  "(bench its quality first: -c run:ID?quantize=int8)."),
+    shadow_rate: float = typer.Option(0.0, "--shadow-rate", min=0, max=1, help="Share of the specialist's answers "
+                                      "also sent to the frontier in the background and compared (0: off)."),
+    shadow: Optional[str] = typer.Option(None, "--shadow", help="openai:MODEL@BASE_URL to shadow against "
+                                         "(default: the fallback)."),
+    shadow_floor: float = typer.Option(0.01, "--shadow-floor", min=0, max=1, help="Lowest adaptive shadow rate."),
+    shadow_ceiling: float = typer.Option(0.5, "--shadow-ceiling", min=0, max=1, help="Highest adaptive shadow rate."),
+    shadow_target: float = typer.Option(0.9, "--shadow-target", min=0, max=1, help="Agreement under which the "
+                                        "shadow rate goes up."),
 ):
     """Serve a trained specialist behind an OpenAI-compatible endpoint, with the frontier model as fallback."""
     from ..capture.writer import TraceWriter
@@ -70,12 +78,27 @@ def serve_cmd(
                                                       str(task_file) if task_file else None, {"quantize": quantize})
         fb = Fallback(fallback) if fallback else None
     writer = None if no_traces else TraceWriter.for_settings(s)
+    shadowing = None
+    if shadow_rate > 0 or shadow is not None:
+        from ..serve.shadow import Shadow, agreement_rule
+
+        spec = shadow or (fb.spec if fb else None)
+        if spec is None:
+            raise ProtegeError("shadowing needs a frontier to compare with: --shadow openai:MODEL@URL (or a fallback)")
+        if not shadow_floor <= shadow_rate <= shadow_ceiling:
+            raise ProtegeError(f"--shadow-rate {shadow_rate} must lie between --shadow-floor {shadow_floor} and "
+                               f"--shadow-ceiling {shadow_ceiling}")
+        shadowing = Shadow(Fallback(spec), rate=shadow_rate, floor=shadow_floor, ceiling=shadow_ceiling,
+                           target=shadow_target, same=agreement_rule(task),
+                           submit=writer.submit if writer else None, task=task.name)
     app = ServeApp(name, predict, task=task.name, writer=writer, fallback=fb, threshold=threshold, api_key=api_key,
                    max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id,
                    batch_wait_s=batch_wait_ms / 1000, deployment=deployment["id"] if deployment else None,
-                   background=background)
+                   background=background, shadow=shadowing)
     route = f", below {threshold} → {fb.model}" if fb else ""
     following = f"  (deployment {deployment['id'][:13]}, followed every {poll_s:g} s)" if deployment else ""
+    if shadowing is not None:
+        following += f"  (shadow: {shadow_rate:.0%} → {shadowing.frontier.model})"
     err.print(f"protege serve: {name} on http://{host}:{port}/v1{route}{following}"
               f"{'  (auth on)' if api_key else ''}  (traces: {'off' if no_traces else s.home})")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -64,6 +64,17 @@ class ShadowStats:
                               for label, m in sorted(per.items())}}
 
 
+def agreement_rule(task) -> Callable[[str, str], bool]:
+    """When two answers agree for `task`: the same label (classification, case-folded onto the
+    task's labels), else the same text after the task's normalisation."""
+    from ..tasks.metrics import LabelMap, normalize_text
+
+    if task.kind == "classification":
+        to_label = LabelMap(task.labels)
+        return lambda a, b: (to_label(a.strip()) or a.strip()) == (to_label(b.strip()) or b.strip())
+    return lambda a, b: normalize_text(a, task.normalize) == normalize_text(b, task.normalize)
+
+
 class Shadow:
     """Sends sampled served requests to the frontier in the background and compares."""
 

@@ -1,0 +1,124 @@
+"""Shadow evaluation's cost on the client's path: latency with and without shadowing.
+
+Run: .venv/bin/python benchmarks/shadow_overhead.py [--requests 1500] [--rounds 2] [--home DIR]
+
+Trains a MiniLM classifier on the BANKING77 example for one minute, then serves it with
+`protege serve run:ID` (a process of its own) at shadow rates 0% (off), 10% and 50%, the
+shadow going to a scripted frontier in another process that answers after 300 ms (a
+frontier API's typical latency). Closed-loop clients at concurrency 4 measure each request's
+latency end to end; the rounds alternate the rates so a slow moment of the machine hits all
+of them alike. Target (issue 14): p50 and p99 at 10% within 5% of without. Writes
+benchmarks/results/shadow_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import machine_info, prepare, table, write_result
+from rich.console import Console
+from serve_latency import free_port, load, start, stop
+
+ROOT = Path(__file__).resolve().parents[1]
+EX = ROOT / "examples" / "banking77"
+RATES = [0.0, 0.1, 0.5]
+FRONTIER = """
+import asyncio, sys
+from protege.testing import ScriptedUpstream
+up = ScriptedUpstream(model="frontier", reply=lambda req: "card_arrival", delay_ms=300, record_requests=False)
+up.start(int(sys.argv[1]))
+asyncio.run(asyncio.sleep(10**9))
+"""
+
+
+def shadow_counts(port: int) -> dict:
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+        if line.startswith("protege_serve_shadow_requests_total"):
+            out[line.split('outcome="')[1].split('"')[0]] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--home", default=None)
+    args = parser.parse_args()
+    console = Console()
+    info = machine_info(["protege", "torch", "aiohttp", "uvicorn"])
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    store, task, ds, home = prepare(EX, "banking77", args.home, "protege-shadow-")
+    run_id = train(store, task, ds, home, "minilm", "classifier",
+                   load_recipe("classifier", ROOT / "recipes" / "classifier.yaml"), time_budget_min=1, console=console)
+    texts = [r["input"] for r in ds.split("test")[::5]]
+    env = {**os.environ, "PROTEGE_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}
+    fport = free_port()
+    frontier = subprocess.Popen([sys.executable, "-c", FRONTIER, str(fport)], env=env)
+    time.sleep(2)
+    samples: dict[float, list[float]] = {r: [] for r in RATES}
+    shadows: dict[float, dict] = {r: {} for r in RATES}
+    errors = {r: 0 for r in RATES}
+    try:
+        for round_ in range(args.rounds):
+            for rate in (RATES if round_ % 2 == 0 else RATES[::-1]):
+                port = free_port()
+                cmd = [sys.executable, "-m", "protege", "--home", str(home), "serve", f"run:{run_id}", "--port",
+                       str(port), "--no-traces"]
+                if rate:
+                    cmd += ["--shadow", f"openai:frontier@http://127.0.0.1:{fport}/v1", "--shadow-rate", str(rate),
+                            "--shadow-floor", str(rate), "--shadow-ceiling", str(rate)]
+                proc = start(cmd, port, env)
+                try:
+                    r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/chat/completions", texts, args.concurrency,
+                                         args.requests))
+                    time.sleep(0.5)  # the last shadow calls land
+                    counts = shadow_counts(port)
+                finally:
+                    stop(proc)
+                samples[rate] += r["latencies"]
+                errors[rate] += r["errors"]
+                for k, v in counts.items():
+                    shadows[rate][k] = shadows[rate].get(k, 0) + v
+                p50, p99 = np.percentile(r["latencies"], [50, 99])
+                console.print(f"round {round_ + 1} shadow {rate:4.0%}: p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+                              f"shadowed {counts.get('compared', 0)}")
+    finally:
+        frontier.kill()
+    base50, base99 = np.percentile(samples[0.0], [50, 99])
+    rows, results = [], {}
+    for rate in RATES:
+        p50, p99 = np.percentile(samples[rate], [50, 99])
+        results[f"{rate:.0%}"] = {"requests": len(samples[rate]), "errors": errors[rate], "p50_ms": float(p50),
+                                  "p99_ms": float(p99), "p50_ratio": float(p50 / base50),
+                                  "p99_ratio": float(p99 / base99), "shadow_calls": shadows[rate]}
+        rows.append([f"{rate:.0%}", len(samples[rate]), f"{p50:.2f}", f"{p99:.2f}", f"{p50 / base50:.3f}",
+                     f"{p99 / base99:.3f}", shadows[rate].get("compared", 0), shadows[rate].get("skipped", 0)])
+    console.print(table(f"protege serve, MiniLM classifier, concurrency {args.concurrency}; shadow frontier at 300 ms",
+                        ["shadow rate", "requests", "p50 ms", "p99 ms", "p50 / off", "p99 / off", "shadowed",
+                         "skipped"], rows))
+    ten = results["10%"]
+    checks = {"p50_at_10pct_within_5pct": ten["p50_ratio"] <= 1.05, "p99_at_10pct_within_5pct": ten["p99_ratio"] <= 1.05,
+              "no_errors": all(e == 0 for e in errors.values())}
+    for name, ok in checks.items():
+        console.print(f"{'met ' if ok else 'MISSED'}  {name}")
+    path = write_result("shadow_overhead", {"benchmark": "shadow_overhead", "machine": info, "run_id": run_id,
+                                            "concurrency": args.concurrency, "frontier_delay_ms": 300,
+                                            "results": results, "checks": checks})
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
