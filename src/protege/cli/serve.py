@@ -46,6 +46,9 @@ def serve_cmd(
     shadow_ceiling: float = typer.Option(0.5, "--shadow-ceiling", min=0, max=1, help="Highest adaptive shadow rate."),
     shadow_target: float = typer.Option(0.9, "--shadow-target", min=0, max=1, help="Agreement under which the "
                                         "shadow rate goes up."),
+    drift: bool = typer.Option(False, "--drift", help="Test served inputs and answers for drift against the run's "
+                               "training data (statistics in /metrics)."),
+    drift_encoder: str = typer.Option("minilm", "--drift-encoder", help="Encoder embedding inputs for --drift."),
 ):
     """Serve a trained specialist behind an OpenAI-compatible endpoint, with the frontier model as fallback."""
     from ..capture.writer import TraceWriter
@@ -91,10 +94,11 @@ def serve_cmd(
         shadowing = Shadow(Fallback(spec), rate=shadow_rate, floor=shadow_floor, ceiling=shadow_ceiling,
                            target=shadow_target, same=agreement_rule(task),
                            submit=writer.submit if writer else None, task=task.name)
+    watch = _drift_watch(store, s.ensure_home(), task, run_id, predict, drift_encoder, threshold) if drift else None
     app = ServeApp(name, predict, task=task.name, writer=writer, fallback=fb, threshold=threshold, api_key=api_key,
                    max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id,
                    batch_wait_s=batch_wait_ms / 1000, deployment=deployment["id"] if deployment else None,
-                   background=background, shadow=shadowing)
+                   background=background, shadow=shadowing, drift=watch)
     route = f", below {threshold} → {fb.model}" if fb else ""
     following = f"  (deployment {deployment['id'][:13]}, followed every {poll_s:g} s)" if deployment else ""
     if shadowing is not None:
@@ -105,6 +109,23 @@ def serve_cmd(
     run_server(app, host=host, port=port)
     if writer is not None:
         exit_on_lost_traces(writer)
+
+
+def _drift_watch(store, home, task, run_id, predict, encoder_name: str, threshold):
+    """The drift watch of the run being served, its reference built from the run's dataset."""
+    from ..datasets.registry import get_dataset
+    from ..models.base import Context
+    from ..models.knn import Encoder
+    from ..runs.registry import get_run
+    from ..serve.drift import DriftWatch, Reference
+
+    if run_id is None:
+        raise ProtegeError("--drift needs a trained run (run:ID or --task): a bare model folder names no training data")
+    ds = get_dataset(store, get_run(store, run_id)["dataset_id"])
+    encoder = Encoder(encoder_name, Context(task=task, dataset=ds, home=home))
+    err.print(f"protege serve: building the drift reference from dataset {ds.id} ...")
+    ref = Reference.build(ds, encoder, predict, task.labels if task.kind == "classification" else None)
+    return DriftWatch(ref, encoder, threshold=threshold)
 
 
 @route_app.command("calibrate")

@@ -71,7 +71,7 @@ class ServeApp:
                  fallback: Fallback | None = None, threshold: float | None = None, api_key: str | None = None,
                  max_body_bytes: int = 1_000_000, max_batch: int = 32, run_id: str | None = None,
                  batch_wait_s: float = 0.005, deployment: str | None = None, background: tuple = (),
-                 shadow: Shadow | None = None):
+                 shadow: Shadow | None = None, drift=None):
         self.served = Served(name, predict, run_id, threshold, fallback, deployment)
         self.task, self.writer, self.api_key = task, writer, api_key
         self.max_body_bytes = max_body_bytes
@@ -81,6 +81,8 @@ class ServeApp:
         """Coroutine functions run beside the server (`f(app)`), e.g. following a deployment."""
         self.retired: list[Fallback] = []
         self.shadow = shadow
+        self.drift = drift
+        """Drift statistics (drift.py): every answered input, observed after the client has its answer."""
         """Shadow evaluation (shadow.py): a sampled share of the specialist's answers checked
         against the frontier in the background, after the client has its answer."""
         self.started = time.time()
@@ -130,6 +132,8 @@ class ServeApp:
                             await fb.close()
                     if self.shadow is not None:
                         await self.shadow.close()
+                    if self.drift is not None:
+                        self.drift.close()
                     if self.writer:
                         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
                     await send({"type": "lifespan.shutdown.complete"})
@@ -157,8 +161,9 @@ class ServeApp:
             return
         if path == "/metrics":
             text = self.metrics.render(self.name)
-            if self.shadow is not None:
-                text += ("\n".join(self.shadow.metrics()) + "\n").encode()
+            for part in (self.shadow, self.drift):
+                if part is not None:
+                    text += ("\n".join(part.metrics()) + "\n").encode()
             if self.writer is not None:
                 text += ("\n".join(self.writer.metrics("protege_serve")) + "\n").encode()
             await _send(send, 200, text, content_type=b"text/plain; version=0.0.4")
@@ -280,6 +285,8 @@ class ServeApp:
                         headers=headers)
         if self.shadow is not None and answered_by == "specialist":  # the client has its answer already
             self.shadow.maybe(body, text, trace_id, served.name)
+        if self.drift is not None:
+            self.drift.observe(row["input"], pred.output, confidence)
 
     @staticmethod
     def _completion(cid, created, model, text, usage, extra) -> dict:
