@@ -269,3 +269,85 @@ def test_shadow_rate_rises_with_disagreement_and_falls_when_steady():
     assert rising[-1] == 0.5 and steady[-1] == 0.02  # to the ceiling, and down to the floor
     with pytest.raises(ValueError, match="floor <= rate <= ceiling"):
         Shadow(Frontier("a"), rate=0.9, ceiling=0.5)
+
+
+def test_alarm_sends_everything_to_the_frontier_until_a_person_resets_it(sqlite_store, tmp_path, home, tiny_bert,
+                                                                         capsys):
+    from protege.serve.app import ServeApp
+    from protege.serve.fallback import Fallback
+    from protege.serve.follow import Follower, initial
+    from protege.serve.guard import Guard, Policy
+    from protege.serve.shadow import Shadow, agreement_rule
+    from protege.serve.specialist import load_specialist
+    from protege.testing import ScriptedUpstream
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    run_id = train(sqlite_store, task, ds, home, tiny_bert, "classifier", load_recipe("classifier", overrides=["epochs=1"]))
+    _, predict, _, _ = load_specialist(f"run:{run_id}", sqlite_store, home)
+    agree = threading.Event()
+
+    def frontier_reply(req):  # disagrees (a label the specialist never gives), until told to agree
+        text = req["messages"][-1]["content"]
+        return predict([{"input": text}])[0].output if agree.is_set() else "not-a-label"
+
+    frontier = ScriptedUpstream(model="frontier", reply=frontier_reply).start()
+    posted = []
+
+    async def hook_app(scope, receive, send):  # the webhook's receiving end
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        posted.append((scope["path"], json.loads(body)))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    hook = ServerThread(hook_app).__enter__()
+    try:
+        activate(sqlite_store, task=task.name, run_id=run_id, threshold=0.0, fallback=f"openai:frontier@{frontier.url}",
+                 options={}, evidence={}, forced=True)
+        d, served = initial(sqlite_store, task.name, home, str(task.path), {})
+        shadow = Shadow(Fallback(f"openai:frontier@{frontier.url}"), rate=1.0, floor=1.0, ceiling=1.0,
+                        same=agreement_rule(task))
+        guard = Guard(Policy(agreement_floor=0.9, min_n=20), store=sqlite_store, webhook=f"{hook.url}/alarms",
+                      interval_s=0.05)
+        app = ServeApp(served.name, served.predict, task=task.name, run_id=served.run_id, fallback=served.fallback,
+                       threshold=served.threshold, deployment=d["id"], shadow=shadow,
+                       background=(Follower(sqlite_store, task.name, home, str(task.path), d, poll_s=0.05), guard))
+        texts = [r["input"] for r in ds.split("test")]
+        with ServerThread(app) as server, httpx.Client(timeout=30) as c:
+            def ask(i):
+                r = c.post(f"{server.url}/v1/chat/completions",
+                           json={"model": "m", "messages": [{"role": "user", "content": texts[i % len(texts)]}]})
+                assert r.status_code == 200
+                return r.headers["x-protege-answered-by"]
+
+            assert {ask(i) for i in range(10)} == {"specialist"}
+            i = 10
+            while app.metrics.alarm is None and i < 200:
+                ask(i)
+                i += 1
+            assert app.metrics.alarm is not None and 20 <= shadow.stats.compared <= 60, shadow.stats.compared
+            assert {ask(j) for j in range(20)} == {"fallback"}  # everything to the frontier now
+            stored = current(sqlite_store, task.name)["alarm"]
+            assert stored["kind"] == "agreement" and "under the floor of 90%" in stored["reason"]
+            assert wait_for(lambda: len(posted) == 1)
+            assert posted[0][0] == "/alarms" and posted[0][1]["event"] == "protege.alarm"
+            assert posted[0][1]["kind"] == "agreement" and posted[0][1]["deployment"] == d["id"]
+            assert 'protege_serve_alarm{kind="agreement"} 1' in httpx.get(f"{server.url}/metrics").text
+            # a person looks, fixes the frontier side, and resets: the specialist answers again
+            agree.set()
+            code, out, err = run(capsys, "--db", sqlite_store.url, "deployments", "reset", str(task.path), "--by", "ops")
+            assert code == 0 and "alarm (agreement" in said(out), err
+            assert wait_for(lambda: app.metrics.alarm is None)
+            assert {ask(j) for j in range(60)} == {"specialist"} and app.metrics.alarm is None
+            assert current(sqlite_store, task.name)["evidence"]["alarms"][0]["reset_by"] == "ops"
+    finally:
+        frontier.stop()
+        hook.__exit__(None, None, None)

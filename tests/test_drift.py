@@ -63,6 +63,15 @@ def test_drift_alarms_on_out_of_domain_inputs_not_on_in_distribution_ones(sqlite
         s = drifting.status()
         assert s["input"]["share"] > 0.5 and "metrics" not in s
         assert 'protege_serve_drift_alarm{kind="input"} 1' in drifting.metrics()
+        # the guard reads it as a reason to act, in words a person can check
+        from protege.serve.app import ServeApp
+        from protege.serve.guard import Guard, Policy
+
+        app = ServeApp("bank6-knn", specialist.predict, task=task.name, drift=drifting)
+        kind, why = Guard(Policy()).reason(app)
+        assert kind == "input drift" and "farther from the training inputs than 95% of held-out ones" in why
+        assert Guard(Policy(drift=False)).reason(app) is None
+        app.batcher.close()
     finally:
         drifting.close()
 

@@ -130,13 +130,30 @@ def deployments_show(
         print_json(d)
         return
     for key in ("id", "task", "run_id", "status", "threshold", "fallback", "forced", "created_by", "created_at",
-                "previous_id", "ended_at", "ended_by", "end_reason"):
+                "previous_id", "ended_at", "ended_by", "end_reason", "alarm"):
         console.print(f"[bold]{key}[/]: {'—' if d[key] is None else d[key]}")
     for c in d["evidence"].get("checks", []):
         console.print(f"{'pass' if c['ok'] else 'FAIL'}  {c['name']}: {c['sentence']}")
     if "rollback" in d["evidence"]:
         console.print(f"a rollback from {d['evidence']['rollback']['from']}, restoring "
                       f"{d['evidence']['rollback']['restores']}")
+
+
+@deployments_app.command("reset")
+def deployments_reset(
+    ctx: typer.Context,
+    task_file: Path = typer.Argument(..., help="The task's YAML file."),
+    by: Optional[str] = typer.Option(None, "--by", help="Who resets (default: user@host)."),
+):
+    """Clear the active deployment's alarm: servers following it go back to its own threshold."""
+    from ..deploy.registry import reset_alarm
+    from ..tasks.spec import load_task
+
+    task = load_task(task_file)
+    d = reset_alarm(open_store(ctx), task.name, by=by)
+    last = d["evidence"]["alarms"][-1]
+    console.print(f"alarm ({last['kind']}: {last['reason']}) reset on deployment {d['id']}; servers following task "
+                  f"{task.name} return to its threshold within seconds")
 
 
 def _gate_word(d: dict) -> str:

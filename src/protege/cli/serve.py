@@ -49,6 +49,13 @@ def serve_cmd(
     drift: bool = typer.Option(False, "--drift", help="Test served inputs and answers for drift against the run's "
                                "training data (statistics in /metrics)."),
     drift_encoder: str = typer.Option("minilm", "--drift-encoder", help="Encoder embedding inputs for --drift."),
+    alarm_agreement: Optional[float] = typer.Option(None, "--alarm-agreement", min=0, max=1, help="Alarm when the "
+                                                    "shadow agreement's CI upper bound falls under this."),
+    alarm_action: str = typer.Option("fallback", "--alarm-action", help="On an alarm (agreement, or --drift's): "
+                                     "fallback (every request to the frontier) | threshold (raise it)."),
+    alarm_threshold: float = typer.Option(0.99, "--alarm-threshold", min=0, max=1,
+                                          help="The threshold --alarm-action threshold raises to."),
+    webhook: Optional[str] = typer.Option(None, "--webhook", help="POST every alarm (JSON) to this URL."),
 ):
     """Serve a trained specialist behind an OpenAI-compatible endpoint, with the frontier model as fallback."""
     from ..capture.writer import TraceWriter
@@ -95,6 +102,16 @@ def serve_cmd(
                            target=shadow_target, same=agreement_rule(task),
                            submit=writer.submit if writer else None, task=task.name)
     watch = _drift_watch(store, s.ensure_home(), task, run_id, predict, drift_encoder, threshold) if drift else None
+    if alarm_agreement is not None and shadowing is None:
+        raise ProtegeError("--alarm-agreement judges the shadow agreement: add --shadow-rate (and --shadow)")
+    if alarm_agreement is not None or watch is not None:
+        from ..serve.guard import Guard, Policy
+
+        if alarm_action not in ("fallback", "threshold"):
+            raise ProtegeError(f"--alarm-action {alarm_action!r}: choose fallback or threshold")
+        background = (*background, Guard(Policy(agreement_floor=alarm_agreement, drift=watch is not None,
+                                                action=alarm_action, raise_to=alarm_threshold),
+                                         store=store, webhook=webhook))
     app = ServeApp(name, predict, task=task.name, writer=writer, fallback=fb, threshold=threshold, api_key=api_key,
                    max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id,
                    batch_wait_s=batch_wait_ms / 1000, deployment=deployment["id"] if deployment else None,

@@ -50,6 +50,9 @@ class DeploymentRecord(TypedDict):
     ended_at: datetime | None
     ended_by: str | None
     end_reason: str | None
+    alarm: dict[str, Any] | None
+    """Set when a server following the deployment tripped an alarm (what, why, when, the
+    action taken); None while healthy. Cleared by `reset_alarm` (protege deployments reset)."""
 
 
 def whoami() -> str:
@@ -143,3 +146,29 @@ def rollback(store: Store, task: str, *, by: str | None = None, reason: str | No
                       evidence={"rollback": {"from": active["id"], "restores": prev["id"],
                                              "restored_evidence": prev["evidence"]}})
     return get_deployment(store, new_id)
+
+
+def raise_alarm(store: Store, deployment_id: str, alarm: dict) -> bool:
+    """Record an alarm on an active deployment; False when one is recorded already (the first
+    server to trip it says why; the others see it and act alike)."""
+    t = schema.deployments
+    with store.engine.begin() as conn:
+        done = conn.execute(t.update().where(t.c.id == deployment_id, t.c.status == "active", t.c.alarm.is_(None))
+                            .values(alarm=alarm))
+    return bool(done.rowcount)
+
+
+def reset_alarm(store: Store, task: str, *, by: str | None = None) -> DeploymentRecord:
+    """A person clears the active deployment's alarm: servers go back to its own threshold."""
+    active = current(store, task)
+    if active is None:
+        raise ProtegeError(f"task {task} has no active deployment")
+    if active["alarm"] is None:
+        raise ProtegeError(f"deployment {active['id']} has no alarm to reset")
+    t = schema.deployments
+    entry = {**active["alarm"], "reset_by": by or whoami(), "reset_at": datetime.now(timezone.utc).isoformat()}
+    # the alarm's history stays with the deployment's evidence
+    evidence = {**active["evidence"], "alarms": [*active["evidence"].get("alarms", []), entry]}
+    with store.engine.begin() as conn:
+        conn.execute(t.update().where(t.c.id == active["id"]).values(alarm=None, evidence=evidence))
+    return get_deployment(store, active["id"])

@@ -112,6 +112,11 @@ class DriftWatch:
             except Exception:  # an encoder failure must not stop serving: log and go on
                 log.exception("protege serve: drift encoder failed on %d inputs", len(batch))
 
+    def clear(self) -> None:
+        """Start the windows afresh (after an alarm is reset)."""
+        for w in (self.distances, self.labels, self.confidences):
+            w.clear()
+
     def idle(self) -> bool:
         return self.queue.empty()
 

@@ -18,6 +18,8 @@ class Metrics:
     """Model calls, by how many requests each answered."""
     switches: int = 0
     """Times the served deployment changed (protege deploy / rollback, followed by the server)."""
+    alarm: dict | None = None
+    """The alarm in force (guard.py), None while healthy."""
 
     @property
     def batches(self) -> int:
@@ -78,5 +80,8 @@ class Metrics:
                   f"protege_serve_batch_size_sum {batched}", f"protege_serve_batch_size_count {batches}",
                   "# HELP protege_serve_deployment_switches_total Times the served deployment changed.",
                   "# TYPE protege_serve_deployment_switches_total counter",
-                  f"protege_serve_deployment_switches_total {self.switches}"]
+                  f"protege_serve_deployment_switches_total {self.switches}",
+                  "# HELP protege_serve_alarm 1 while an alarm is in force (kind: agreement, input drift, label drift).",
+                  "# TYPE protege_serve_alarm gauge",
+                  f'protege_serve_alarm{{kind="{(self.alarm or {}).get("kind", "none")}"}} {int(self.alarm is not None)}']
         return ("\n".join(lines) + "\n").encode()

@@ -91,6 +91,7 @@ deployments = sa.Table(
     sa.Column("ended_at", Timestamp),
     sa.Column("ended_by", sa.String(200)),
     sa.Column("end_reason", sa.Text),
+    sa.Column("alarm", JSONType),
     sa.Index("ix_deployments_task_created", "task", "created_at"),
     # at most one active deployment per task, whatever races: the store refuses a second
     sa.Index("uq_deployments_one_active", "task", unique=True, sqlite_where=sa.text("status = 'active'"),

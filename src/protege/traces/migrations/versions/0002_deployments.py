@@ -34,6 +34,7 @@ def upgrade():
         sa.Column("ended_at", Timestamp),
         sa.Column("ended_by", sa.String(200)),
         sa.Column("end_reason", sa.Text),
+        sa.Column("alarm", JSONType),
     )
     op.create_index("ix_deployments_task_created", "deployments", ["task", "created_at"])
     op.create_index("uq_deployments_one_active", "deployments", ["task"], unique=True,
