@@ -351,3 +351,59 @@ def test_alarm_sends_everything_to_the_frontier_until_a_person_resets_it(sqlite_
     finally:
         frontier.stop()
         hook.__exit__(None, None, None)
+
+
+def test_monitor_reports_the_deployment_from_the_store(sqlite_store, tmp_path, home, tiny_bert, capsys):
+    from protege.capture.writer import TraceWriter
+    from protege.prices import load_prices
+    from protege.serve.app import ServeApp
+    from protege.serve.fallback import Fallback
+    from protege.serve.follow import initial
+    from protege.serve.shadow import Shadow, agreement_rule
+    from protege.serve.specialist import load_specialist
+    from protege.testing import ScriptedUpstream
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    run_id = train(sqlite_store, task, ds, home, tiny_bert, "classifier", load_recipe("classifier", overrides=["epochs=1"]))
+    frontier = ScriptedUpstream(model="gpt-4o-mini-2024-07-18", reply=lambda req: "card_arrival",
+                                usage=lambda req: {"prompt_tokens": 120, "completion_tokens": 4, "total_tokens": 124})
+    frontier.start()
+    try:
+        url = f"openai:gpt-4o-mini@{frontier.url}"
+        texts = [r["input"] for r in ds.split("test")]
+        _, probe, _, _ = load_specialist(f"run:{run_id}", sqlite_store, home)
+        conf = sorted(p.confidence for p in probe([{"input": t} for t in texts]))
+        threshold = conf[len(conf) // 2]  # about half go to the fallback
+        code, out, err = run(capsys, "--db", sqlite_store.url, "monitor", str(task.path))
+        assert code == 1 and "no active deployment" in err
+        activate(sqlite_store, task=task.name, run_id=run_id, threshold=threshold, fallback=url, options={},
+                 evidence={}, forced=True)
+        d, served = initial(sqlite_store, task.name, home, str(task.path), {})
+        writer = TraceWriter(sqlite_store, tmp_path / "spool")
+        shadow = Shadow(Fallback(url), rate=1.0, floor=1.0, ceiling=1.0, same=agreement_rule(task),
+                        submit=writer.submit, task=task.name)
+        app = ServeApp(served.name, served.predict, task=task.name, writer=writer, run_id=served.run_id,
+                       fallback=served.fallback, threshold=served.threshold, deployment=d["id"], shadow=shadow)
+        with ServerThread(app) as server:
+            for t in texts * 2:
+                assert httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
+                    "model": "m", "messages": [{"role": "user", "content": t}]}).status_code == 200
+            assert wait_for(lambda: not shadow.in_flight and shadow.stats.sent == shadow.stats.compared)
+        assert writer.flush(15)
+    finally:
+        frontier.stop()
+    code, out, err = run(capsys, "--db", sqlite_store.url, "monitor", str(task.path), "--json")
+    assert code == 0, err
+    h = json.loads(out)
+    assert h["deployment"] == d["id"] and h["requests"] == 2 * len(texts) and h["errors"] == 0
+    assert h["answered_by"] == app.metrics.requests and 0 < h["fallback_rate"] < 1
+    sh = shadow.stats
+    assert h["shadow"]["compared"] == sh.compared == h["answered_by"]["specialist"]
+    assert h["shadow"]["agreement"] == pytest.approx(sh.agreed / sh.compared)
+    per = load_prices().lookup("gpt-4o-mini").cost(120, 4)
+    assert h["frontier_cost"]["per_request_usd"] == pytest.approx(per)
+    assert h["frontier_cost"]["saved_usd"] == pytest.approx(per * h["answered_by"]["specialist"])
+    code, out, _ = run(capsys, "--db", sqlite_store.url, "monitor", str(task.path))
+    assert code == 0 and "shadow agreement:" in out and "alarm: none" in out and "gpt-4o-mini at the price" in said(out)

@@ -156,6 +156,75 @@ def deployments_reset(
                   f"{task.name} return to its threshold within seconds")
 
 
+def monitor_cmd(
+    ctx: typer.Context,
+    task_file: Path = typer.Argument(..., help="The task's YAML file."),
+    server: Optional[str] = typer.Option(None, "--server", help="A server following the task (http://HOST:PORT): "
+                                         "its drift statistics too."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """The health of the task's active deployment: requests, who answered, shadow agreement, cost saved, alarms."""
+    from ..deploy.monitor import health
+    from ..prices import load_prices
+    from ..tasks.spec import load_task
+
+    task = load_task(task_file)
+    h = health(open_store(ctx), task.name, prices=load_prices(settings(ctx).prices_path))
+    if server:
+        h["drift"] = _server_drift(server)
+    if as_json:
+        print_json(h)
+        return
+
+    def pct(x):
+        return "unknown" if x is None else f"{100 * x:.1f}%"
+
+    a = h["alarm"]
+    console.print(f"[bold]deployment {h['deployment']}[/] (run:{h['run_id']}) serving task {task.name} since "
+                  f"{h['since'][:19]}")
+    console.print("alarm: " + ("none" if a is None else f"[red]{a['kind']}[/]: {a['reason']} (since {a['since'][:19]}; "
+                                                        f"action: {a['action']})"))
+    who = ", ".join(f"{k} {v:,}" for k, v in sorted(h["answered_by"].items())) or "none yet"
+    console.print(f"requests: {h['requests']:,} ({who}); errors {h['errors']:,}; fallback rate {pct(h['fallback_rate'])}")
+    lat = h["latency_ms"]
+    console.print("latency: " + ("unknown" if lat is None else f"p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms "
+                                                             f"(server side, {lat['n']:,} requests)"))
+    sh = h["shadow"]
+    lo, hi = sh["ci95"]
+    console.print(f"shadow agreement: {pct(sh['agreement'])}" + ("" if sh["agreement"] is None else
+                                                                 f" (95% CI {pct(lo)} to {pct(hi)})")
+                  + f" over {sh['compared']:,} comparisons" + (f"; {sh['errors']} shadow errors" if sh["errors"] else ""))
+    worst = sorted(sh["per_label"].items(), key=lambda kv: kv[1]["agreement"])[:5]
+    for label, v in worst:
+        console.print(f"  {label}: {pct(v['agreement'])} of {v['n']:,} (95% CI {pct(v['ci95'][0])} to "
+                      f"{pct(v['ci95'][1])})")
+    fc = h["frontier_cost"]
+    console.print("the frontier would have cost: " + ("unknown" if fc["saved_usd"] is None else
+                                                      f"${fc['saved_usd']:,.2f} for the specialist's answers "
+                                                      f"(${fc['per_request_usd'] * 1e6:,.0f} per 1M requests)")
+                  + f"; {fc['basis']}")
+    if server:
+        d = h["drift"]
+        console.print("drift: " + ("none reported (serve with --drift)" if not d else
+                                   ", ".join(f"{k} {v}" for k, v in d.items())))
+
+
+def _server_drift(url: str) -> dict:
+    """The drift figures of one server's /metrics."""
+    import httpx
+
+    try:
+        text = httpx.get(url.rstrip("/") + "/metrics", timeout=10).text
+    except httpx.HTTPError as exc:
+        raise ProtegeError(f"--server {url}: cannot read its /metrics ({exc})") from None
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("protege_serve_drift_"):
+            name, value = line.rsplit(" ", 1)
+            out[name.removeprefix("protege_serve_drift_")] = float(value)
+    return out
+
+
 def _gate_word(d: dict) -> str:
     if "rollback" in d["evidence"]:
         return "rollback"

@@ -126,9 +126,12 @@ class Shadow:
             self.stats.errors += 1
             log.error("protege serve: shadow call to %s failed: %s", self.frontier.model, problem)
         if self.submit is not None:
+            usage = (data.get("usage") if isinstance(data, dict) else None) or {}
+            usage = usage if isinstance(usage, dict) else {}
             self.submit(TraceRecord(
                 request=body, response=data, output_text=text, source="shadow", task=self.task, provider="shadow",
                 model=self.frontier.model, latency_ms=seconds * 1000, stream=False,
+                prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"),
                 status="ok" if problem is None else "error", http_status=status, error=problem,
                 metadata={"shadow_of": served_trace, "specialist": specialist, "specialist_answer": answer,
                           "agrees": agreed}))

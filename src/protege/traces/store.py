@@ -158,10 +158,11 @@ class Store:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
 
-    def iter_traces(self, batch: int = 1000, **filters) -> Iterator[dict]:
-        """All matching traces, oldest first, read in pages so memory stays flat."""
+    def iter_traces(self, batch: int = 1000, after: str = "", **filters) -> Iterator[dict]:
+        """All matching traces, oldest first, read in pages so memory stays flat; `after`: only
+        ids past it (ids are time-ordered uuid7, so a uuid7 made at a moment means "since then")."""
         t = schema.traces
-        last = ""
+        last = after
         while True:
             stmt = self._filtered(sa.select(t), **filters).where(t.c.id > last).order_by(t.c.id).limit(batch)
             with self.engine.connect() as conn:
