@@ -58,10 +58,12 @@ def test_gate_refuses_a_worse_run_accepts_a_better_one_and_rollback_restores(sql
     assert first["evidence"]["bar"]["bar"] == pytest.approx(ref - 0.3)
 
     # the MiniLM run beats the serving one: the gate passes, citing the paired CI
-    code, out, err = run(capsys, *db, "deploy", str(task.path), f"run:{good}", "--tolerance", "0.3", "--json")
+    code, out, err = run(capsys, *db, "deploy", str(task.path), f"run:{good}", "--tolerance", "0.3", "--json",
+                         "--alarm-agreement", "0.85", "--alarm-action", "threshold")
     assert code == 0, err
     result = json.loads(out)
     second = result["deployment"]
+    assert second["options"] == {"alarm": {"agreement_floor": 0.85, "action": "threshold"}}
     assert second["run_id"] == good and not second["forced"] and second["previous_id"] == first["id"]
     serving = result["gate"]["serving"]
     assert serving["run_id"] == bad and serving["difference"] > 0 and serving["difference_ci95"][0] > 0
@@ -179,8 +181,9 @@ def test_server_follows_the_deployment_without_dropping_a_request(sqlite_store, 
     assert health["run_id"] == runs[0] and health["deployment"] == current(sqlite_store, task.name)["id"]
     assert "protege_serve_deployment_switches_total 2" in metrics
     assert writer.flush(15)
-    served_by = {t["metadata"].get("deployment") for t in sqlite_store.list_traces(limit=10_000, source="serve")}
-    assert {deploy[0], deploy[1]} <= served_by
+    traces = sqlite_store.list_traces(limit=100_000, source="serve")
+    assert len(traces) == len(answers) and writer.stats()["dropped"] == 0  # none lost either
+    assert {deploy[0], deploy[1]} <= {t["metadata"].get("deployment") for t in traces}
 
 
 def test_shadow_stores_linked_traces_at_the_set_rate_and_measures_agreement(sqlite_store, tmp_path, home, tiny_bert):
@@ -310,15 +313,16 @@ def test_alarm_sends_everything_to_the_frontier_until_a_person_resets_it(sqlite_
 
     hook = ServerThread(hook_app).__enter__()
     try:
+        # the alarm's floor is the deployment's own (protege deploy --alarm-agreement 0.9)
         activate(sqlite_store, task=task.name, run_id=run_id, threshold=0.0, fallback=f"openai:frontier@{frontier.url}",
-                 options={}, evidence={}, forced=True)
+                 options={"alarm": {"agreement_floor": 0.9, "min_n": 20}}, evidence={}, forced=True)
         d, served = initial(sqlite_store, task.name, home, str(task.path), {})
         shadow = Shadow(Fallback(f"openai:frontier@{frontier.url}"), rate=1.0, floor=1.0, ceiling=1.0,
                         same=agreement_rule(task))
-        guard = Guard(Policy(agreement_floor=0.9, min_n=20), store=sqlite_store, webhook=f"{hook.url}/alarms",
+        guard = Guard(Policy(), store=sqlite_store, webhook=f"{hook.url}/alarms",
                       interval_s=0.05)
         app = ServeApp(served.name, served.predict, task=task.name, run_id=served.run_id, fallback=served.fallback,
-                       threshold=served.threshold, deployment=d["id"], shadow=shadow,
+                       threshold=served.threshold, deployment=d["id"], shadow=shadow, alarm=served.alarm,
                        background=(Follower(sqlite_store, task.name, home, str(task.path), d, poll_s=0.05), guard))
         texts = [r["input"] for r in ds.split("test")]
         with ServerThread(app) as server, httpx.Client(timeout=30) as c:

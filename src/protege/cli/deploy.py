@@ -25,6 +25,11 @@ def deploy_cmd(
     tolerance: float = typer.Option(0.02, "--tolerance", min=0, max=1, help="The bar: the reference's score less this."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION benchmark (default: the task's newest)."),
     force: bool = typer.Option(False, "--force", help="Deploy even if the gate fails (recorded as forced)."),
+    alarm_agreement: Optional[float] = typer.Option(None, "--alarm-agreement", min=0, max=1, help="This deployment's "
+                                                    "alarm: shadow agreement's CI upper bound under it."),
+    alarm_action: Optional[str] = typer.Option(None, "--alarm-action", help="fallback | threshold, on an alarm."),
+    alarm_threshold: Optional[float] = typer.Option(None, "--alarm-threshold", min=0, max=1,
+                                                    help="The threshold --alarm-action threshold raises to."),
     by: Optional[str] = typer.Option(None, "--by", help="Who deploys (default: user@host)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
@@ -37,6 +42,10 @@ def deploy_cmd(
 
     if (fallback is None) != (threshold is None):
         raise ProtegeError("--fallback and --threshold go together: the fallback answers below the threshold")
+    if alarm_action is not None and alarm_action not in ("fallback", "threshold"):
+        raise ProtegeError(f"--alarm-action {alarm_action!r}: choose fallback or threshold")
+    alarm = {k: v for k, v in (("agreement_floor", alarm_agreement), ("action", alarm_action),
+                               ("raise_to", alarm_threshold)) if v is not None}
     if fallback is not None:
         from ..serve.fallback import Fallback
 
@@ -55,7 +64,8 @@ def deploy_cmd(
         if failed:
             evidence["forced_past"] = [c.name for c in failed]
         deployed = get_deployment(store, activate(
-            store, task=task.name, run_id=result.run_id, threshold=threshold, fallback=fallback, options={},
+            store, task=task.name, run_id=result.run_id, threshold=threshold, fallback=fallback,
+            options={"alarm": alarm} if alarm else {},
             evidence=evidence, forced=bool(failed), by=by, expect_active=before["id"] if before else None))
     if as_json:
         print_json({"gate": result.evidence(), "deployment": deployed})

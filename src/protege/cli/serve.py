@@ -67,7 +67,7 @@ def serve_cmd(
         raise ProtegeError("--fallback and --threshold go together: the fallback answers below the threshold")
     s = settings(ctx)
     store = open_store(ctx)
-    deployment, background = None, ()
+    deployment, background, own_alarm = None, (), None
     if target is None:
         if task_file is None:
             raise ProtegeError("name what to serve: run:RUN_ID, or --task TASK_FILE for the task's active deployment")
@@ -81,6 +81,7 @@ def serve_cmd(
         deployment, served = initial(store, task.name, s.ensure_home(), str(task_file), {"quantize": quantize})
         name, predict, run_id, fb, threshold = served.name, served.predict, served.run_id, served.fallback, \
             served.threshold
+        own_alarm = served.alarm
         background = (Follower(store, task.name, s.ensure_home(), str(task_file), deployment, poll_s=poll_s,
                                options={"quantize": quantize}),)
     else:
@@ -104,7 +105,10 @@ def serve_cmd(
     watch = _drift_watch(store, s.ensure_home(), task, run_id, predict, drift_encoder, threshold) if drift else None
     if alarm_agreement is not None and shadowing is None:
         raise ProtegeError("--alarm-agreement judges the shadow agreement: add --shadow-rate (and --shadow)")
-    if alarm_agreement is not None or watch is not None:
+    own = (deployment or {}).get("options", {}).get("alarm")  # the deployment's own alarm settings
+    if own and own.get("agreement_floor") is not None and shadowing is None:
+        err.print("protege serve: the deployment sets an agreement alarm, which needs shadowing: add --shadow-rate")
+    if alarm_agreement is not None or watch is not None or own:
         from ..serve.guard import Guard, Policy
 
         if alarm_action not in ("fallback", "threshold"):
@@ -115,7 +119,7 @@ def serve_cmd(
     app = ServeApp(name, predict, task=task.name, writer=writer, fallback=fb, threshold=threshold, api_key=api_key,
                    max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id,
                    batch_wait_s=batch_wait_ms / 1000, deployment=deployment["id"] if deployment else None,
-                   background=background, shadow=shadowing, drift=watch)
+                   background=background, shadow=shadowing, drift=watch, alarm=own_alarm)
     route = f", below {threshold} → {fb.model}" if fb else ""
     following = f"  (deployment {deployment['id'][:13]}, followed every {poll_s:g} s)" if deployment else ""
     if shadowing is not None:

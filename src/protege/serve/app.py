@@ -62,6 +62,8 @@ class Served:
     threshold: float | None = None
     fallback: Fallback | None = None
     deployment: str | None = None
+    alarm: dict | None = None
+    """The deployment's own alarm settings (protege deploy --alarm-*), over the server's."""
 
 
 class ServeApp:
@@ -71,8 +73,8 @@ class ServeApp:
                  fallback: Fallback | None = None, threshold: float | None = None, api_key: str | None = None,
                  max_body_bytes: int = 1_000_000, max_batch: int = 32, run_id: str | None = None,
                  batch_wait_s: float = 0.005, deployment: str | None = None, background: tuple = (),
-                 shadow: Shadow | None = None, drift=None):
-        self.served = Served(name, predict, run_id, threshold, fallback, deployment)
+                 shadow: Shadow | None = None, drift=None, alarm: dict | None = None):
+        self.served = Served(name, predict, run_id, threshold, fallback, deployment, alarm)
         self.task, self.writer, self.api_key = task, writer, api_key
         self.max_body_bytes = max_body_bytes
         self.metrics = Metrics()

@@ -25,9 +25,10 @@ log = logging.getLogger("protege.serve")
 
 def served_for(d: DeploymentRecord, store, home, task_file: str, options: dict) -> Served:
     """Load what deployment `d` serves (slow: a model load)."""
-    name, predict, _, run_id = load_specialist(f"run:{d['run_id']}", store, home, task_file,
-                                               {**d["options"], **options})
-    return Served(name, predict, run_id, d["threshold"], Fallback(d["fallback"]) if d["fallback"] else None, d["id"])
+    load = {k: v for k, v in d["options"].items() if k != "alarm"}  # how the run is loaded
+    name, predict, _, run_id = load_specialist(f"run:{d['run_id']}", store, home, task_file, {**load, **options})
+    return Served(name, predict, run_id, d["threshold"], Fallback(d["fallback"]) if d["fallback"] else None, d["id"],
+                  d["options"].get("alarm"))
 
 
 def initial(store, task: str, home, task_file: str, options: dict) -> tuple[DeploymentRecord, Served]:

@@ -62,9 +62,14 @@ class Guard:
             except Exception:
                 log.exception("protege serve: the alarm check failed; serving goes on")
 
+    def policy_for(self, served) -> Policy:
+        """The server's policy, with the serving deployment's own alarm settings over it."""
+        names = {f.name for f in dataclasses.fields(Policy)}
+        return dataclasses.replace(self.policy, **{k: v for k, v in (served.alarm or {}).items() if k in names})
+
     def reason(self, app: ServeApp) -> tuple[str, str] | None:
         """(kind, why) of the first condition that holds now, else None."""
-        p = self.policy
+        p = self.policy_for(app.served)
         if p.agreement_floor is not None and app.shadow is not None:
             a = app.shadow.stats.agreement()
             if a["n"] >= p.min_n and a["ci95"][1] < p.agreement_floor:
@@ -107,17 +112,19 @@ class Guard:
         self._trip(app, recorded)
 
     def _action_words(self, served) -> str:
+        p = self.policy_for(served)
         if served.fallback is None:
             return "none: no fallback to send requests to"
-        if self.policy.action == "fallback":
+        if p.action == "fallback":
             return f"every request to {served.fallback.model}"
-        return f"threshold raised to {self.policy.raise_to}"
+        return f"threshold raised to {p.raise_to}"
 
     def _trip(self, app: ServeApp, alarm: dict) -> None:
         self.alarm = alarm
         self.normal = app.served
+        p = self.policy_for(app.served)
         if app.served.fallback is not None:
-            to = 1.0 if self.policy.action == "fallback" else max(self.policy.raise_to, app.served.threshold or 0)
+            to = 1.0 if p.action == "fallback" else max(p.raise_to, app.served.threshold or 0)
             # threshold above any confidence: "< 1.0000001" sends even a sure answer on
             app.switch(dataclasses.replace(app.served, threshold=to + 1e-9 if to >= 1.0 else to))
         app.metrics.alarm = alarm
