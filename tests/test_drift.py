@@ -10,6 +10,7 @@ import random
 
 from helpers import EXAMPLES, LABELS, make_banking, take, wait_for
 
+from protege.deploy.registry import get_deployment
 from protege.models.base import Context
 from protege.models.knn import Encoder
 from protege.models.registry import build_candidate
@@ -116,3 +117,55 @@ def test_served_requests_feed_the_drift_watch_and_metrics(sqlite_store, tmp_path
         metrics = httpx.get(f"{server.url}/metrics").text
     assert f"protege_serve_drift_window {len(texts)}" in metrics
     assert "protege_serve_drift_input_p_value " in metrics and list(watch.labels)[0] in task.labels
+
+
+def test_drift_follows_the_serving_run_and_raises_the_shadow_rate(sqlite_store, tmp_path, home, tiny_bert):
+    import asyncio
+
+    from protege.datasets.build import build_dataset
+    from protege.datasets.registry import get_dataset
+    from protege.deploy.registry import activate
+    from protege.serve.app import ServeApp
+    from protege.serve.fallback import Fallback
+    from protege.serve.follow import Follower, served_for
+    from protege.serve.guard import Guard, Policy
+    from protege.serve.shadow import Shadow
+    from protege.traces.importers import ImportOptions, import_file
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    ctx = Context(task=task, dataset=ds, home=home, train=ds.split("train"))
+    encoder = Encoder("minilm", ctx)
+    first = train(sqlite_store, task, ds, home, tiny_bert, "classifier", load_recipe("classifier", overrides=["epochs=0.2"]))
+    d1 = activate(sqlite_store, task=task.name, run_id=first, threshold=None, fallback=None, options={}, evidence={},
+                  forced=True)
+    s1 = served_for(get_deployment(sqlite_store, d1), sqlite_store, home, str(task.path), {})
+    watch = DriftWatch(Reference.build(ds, encoder, s1.predict, task.labels), encoder, min_n=10, dataset_id=ds.id)
+    # more tickets, a new dataset version, a run trained on it, deployed
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "tickets.jsonl.gz", 40)[-60:]))
+    import_file(sqlite_store, more, ImportOptions(task=task.name))
+    ds2 = get_dataset(sqlite_store, build_dataset(sqlite_store, task, home, test_from=tmp_path / "test.jsonl").id)
+    assert ds2.id != ds.id
+    second = train(sqlite_store, task, ds2, home, tiny_bert, "classifier", load_recipe("classifier", overrides=["epochs=0.2"]))
+    d2 = activate(sqlite_store, task=task.name, run_id=second, threshold=None, fallback=None, options={}, evidence={},
+                  forced=True)
+    follower = Follower(sqlite_store, task.name, home, str(task.path), get_deployment(sqlite_store, d1))
+    follower.rebase_drift(watch, served_for(get_deployment(sqlite_store, d2), sqlite_store, home, str(task.path), {}))
+    assert watch.dataset_id == ds2.id and len(watch.ref.train_emb) == len(ds2.split("train"))
+
+    # drifting inputs raise the shadow rate at each check of the guard
+    with gzip.open(CANARD, "rt") as fh:
+        questions = [json.loads(line)["messages"][1]["content"].split("Latest question: ")[-1] for line in fh][:60]
+    for q in questions:
+        watch.observe(q, "card_arrival", 0.9)
+    assert wait_for(lambda: watch.idle() and len(watch.distances) == 60, 30) and watch.status()["input"]["alarm"]
+    shadow = Shadow(Fallback("openai:frontier@http://127.0.0.1:9/v1"), rate=0.1, ceiling=0.5)
+    app = ServeApp("s", s1.predict, task=task.name, drift=watch, shadow=shadow)
+    try:
+        asyncio.run(Guard(Policy(drift=False)).check(app, None))
+        assert shadow.rate == 0.1 * 1.5
+    finally:
+        app.batcher.close()
+        watch.close()

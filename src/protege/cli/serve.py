@@ -146,7 +146,7 @@ def _drift_watch(store, home, task, run_id, predict, encoder_name: str, threshol
     encoder = Encoder(encoder_name, Context(task=task, dataset=ds, home=home))
     err.print(f"protege serve: building the drift reference from dataset {ds.id} ...")
     ref = Reference.build(ds, encoder, predict, task.labels if task.kind == "classification" else None)
-    return DriftWatch(ref, encoder, threshold=threshold)
+    return DriftWatch(ref, encoder, threshold=threshold, dataset_id=ds.id)
 
 
 @route_app.command("calibrate")

@@ -69,8 +69,8 @@ class DriftWatch:
     """Collects served inputs and answers; tests them against the Reference."""
 
     def __init__(self, reference: Reference, encoder, *, window: int = 500, alpha: float = 1e-3, min_n: int = 100,
-                 threshold: float | None = None, queue_max: int = 10_000):
-        self.ref, self.encoder = reference, encoder
+                 threshold: float | None = None, queue_max: int = 10_000, dataset_id: str | None = None):
+        self.ref, self.encoder, self.dataset_id = reference, encoder, dataset_id
         self.alpha, self.min_n, self.threshold = alpha, min_n, threshold
         self.distances: deque = deque(maxlen=window)
         self.labels: deque = deque(maxlen=window)
@@ -116,6 +116,11 @@ class DriftWatch:
         """Start the windows afresh (after an alarm is reset)."""
         for w in (self.distances, self.labels, self.confidences):
             w.clear()
+
+    def rebase(self, reference: Reference, dataset_id: str | None, threshold: float | None) -> None:
+        """Test against another run's training data from now on (a new deployment took over)."""
+        self.ref, self.dataset_id, self.threshold = reference, dataset_id, threshold
+        self.clear()
 
     def idle(self) -> bool:
         return self.queue.empty()

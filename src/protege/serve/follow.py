@@ -85,3 +85,22 @@ class Follower:
         log.warning("protege serve: task %s now served by deployment %s (run %s, was %s)", self.task, d["id"],
                     d["run_id"], self.deployment["id"])
         self.deployment = d
+        if app.drift is not None:
+            await loop.run_in_executor(None, self.rebase_drift, app.drift, served)
+
+    def rebase_drift(self, watch, served: Served) -> None:
+        """The drift reference follows the serving run's training data."""
+        from ..datasets.registry import get_dataset
+        from ..runs.registry import get_run
+        from ..tasks.spec import load_task
+        from .drift import Reference
+
+        ds_id = get_run(self.store, served.run_id)["dataset_id"]
+        if ds_id == watch.dataset_id:
+            watch.threshold = served.threshold
+            return
+        task = load_task(self.task_file)
+        ref = Reference.build(get_dataset(self.store, ds_id), watch.encoder, served.predict,
+                              task.labels if task.kind == "classification" else None)
+        watch.rebase(ref, ds_id, served.threshold)
+        log.warning("protege serve: drift now tested against dataset %s (%s)", ds_id, ref.basis)

@@ -88,6 +88,10 @@ class Guard:
 
     async def check(self, app: ServeApp, loop) -> None:
         served = app.served
+        if app.shadow is not None and app.drift is not None:
+            s = app.drift.status()
+            if s["input"]["alarm"] or s["labels"]["alarm"]:
+                app.shadow.raise_rate()  # drifting: check the specialist against the frontier more
         if self.alarm is not None:
             if served.deployment != self.alarm.get("deployment"):  # a new deployment took over
                 self._clear(app, "a new deployment took over", restore=False)

@@ -13,7 +13,7 @@ frontier model, in the background, and the two answers are compared.
   tasks the normalised texts).
 - The rate adapts between `floor` and `ceiling`: after every `step` comparisons it goes up
   (x1.5) when the window's agreement CI reaches under `target`, and down (x0.8) when it
-  stays above it.
+  stays above it; while a drift alarm is on, it goes up (x1.5) at every check of the guard.
 """
 
 from __future__ import annotations
@@ -135,6 +135,10 @@ class Shadow:
                 status="ok" if problem is None else "error", http_status=status, error=problem,
                 metadata={"shadow_of": served_trace, "specialist": specialist, "specialist_answer": answer,
                           "agrees": agreed}))
+
+    def raise_rate(self) -> None:
+        """Check more while something else looks wrong (a drift alarm): the rate goes up 1.5x."""
+        self.rate = min(self.ceiling, self.rate * 1.5)
 
     def _adapt(self) -> None:
         lo, _ = wilson(sum(1 for _, ok in self.stats.window if ok), len(self.stats.window))
