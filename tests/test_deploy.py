@@ -345,6 +345,20 @@ def test_alarm_sends_everything_to_the_frontier_until_a_person_resets_it(sqlite_
             assert posted[0][0] == "/alarms" and posted[0][1]["event"] == "protege.alarm"
             assert posted[0][1]["kind"] == "agreement" and posted[0][1]["deployment"] == d["id"]
             assert 'protege_serve_alarm{kind="agreement"} 1' in httpx.get(f"{server.url}/metrics").text
+            # a second server following the same deployment reads the alarm and acts alike, without
+            # telling the webhook again
+            import asyncio
+
+            other = ServeApp(served.name, served.predict, task=task.name, run_id=served.run_id,
+                             fallback=served.fallback, threshold=served.threshold, deployment=d["id"])
+            other_guard = Guard(Policy(), store=sqlite_store, webhook=f"{hook.url}/alarms")
+            async def once():
+                await other_guard.check(other, asyncio.get_running_loop())
+
+            asyncio.run(once())
+            assert other.metrics.alarm["kind"] == "agreement" and other.served.threshold > 1
+            assert len(posted) == 1 and other.metrics.switches == 0
+            other.batcher.close()
             # a person looks, fixes the frontier side, and resets: the specialist answers again
             agree.set()
             code, out, err = run(capsys, "--db", sqlite_store.url, "deployments", "reset", str(task.path), "--by", "ops")

@@ -109,12 +109,13 @@ class ServeApp:
         served = self.served  # read once: a switch applies from the next batch on
         return [(p, served) for p in served.predict(rows)]
 
-    def switch(self, served: Served) -> None:
+    def switch(self, served: Served, *, deployment_changed: bool = True) -> None:
         """Answer with `served` from the next batch on; requests in flight finish as they began
-        (the old fallback client is closed at shutdown, never under a request using it)."""
+        (the old fallback client is closed at shutdown, never under a request using it).
+        `deployment_changed`: False for the guard's own changes (an alarm's threshold)."""
         old = self.served
         self.served = served
-        self.metrics.switches += 1
+        self.metrics.switches += deployment_changed
         if old.fallback is not None and old.fallback is not served.fallback:
             self.retired.append(old.fallback)
 

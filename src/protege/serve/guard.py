@@ -107,13 +107,15 @@ class Guard:
             recorded = d["alarm"]  # tripped by another server following the same deployment
         if found is None and recorded is None:
             return
-        if recorded is None:
+        ours = recorded is None
+        if ours:
             kind, why = found
             recorded = {"kind": kind, "reason": why, "since": datetime.now(timezone.utc).isoformat(),
                         "action": self._action_words(served), "deployment": served.deployment, "run_id": served.run_id}
             if served.deployment and self.store is not None:
-                await loop.run_in_executor(None, raise_alarm, self.store, served.deployment, recorded)
-        self._trip(app, recorded)
+                # another server may have recorded one a moment before: then it tells the webhook
+                ours = await loop.run_in_executor(None, raise_alarm, self.store, served.deployment, recorded)
+        self._trip(app, recorded, notify=ours)
 
     def _action_words(self, served) -> str:
         p = self.policy_for(served)
@@ -123,23 +125,24 @@ class Guard:
             return f"every request to {served.fallback.model}"
         return f"threshold raised to {p.raise_to}"
 
-    def _trip(self, app: ServeApp, alarm: dict) -> None:
+    def _trip(self, app: ServeApp, alarm: dict, notify: bool = True) -> None:
         self.alarm = alarm
         self.normal = app.served
         p = self.policy_for(app.served)
         if app.served.fallback is not None:
             to = 1.0 if p.action == "fallback" else max(p.raise_to, app.served.threshold or 0)
             # threshold above any confidence: "< 1.0000001" sends even a sure answer on
-            app.switch(dataclasses.replace(app.served, threshold=to + 1e-9 if to >= 1.0 else to))
+            app.switch(dataclasses.replace(app.served, threshold=to + 1e-9 if to >= 1.0 else to),
+                       deployment_changed=False)
         app.metrics.alarm = alarm
         log.error("protege serve: ALARM (%s) on %s: %s; action: %s", alarm["kind"], alarm.get("deployment")
                   or app.served.name, alarm["reason"], alarm["action"])
-        if self.webhook:
+        if self.webhook and notify:  # once per alarm: by the server that recorded it
             asyncio.get_running_loop().create_task(self._post(alarm))
 
     def _clear(self, app: ServeApp, why: str, *, restore: bool) -> None:
         if restore and self.normal is not None:
-            app.switch(self.normal)
+            app.switch(self.normal, deployment_changed=False)
         # judged anew from here: the evidence that tripped the alarm does not trip it again
         if app.shadow is not None:
             app.shadow.stats.window.clear()
