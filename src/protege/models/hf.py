@@ -68,33 +68,30 @@ def quantize_int8(model, spec: str = "model"):
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def resolve_pooling(model, setting: str, spec: str = "model") -> str:
-    """How a sequence classifier reads its input: `mean` (the mean of the token states, how
-    sentence encoders such as all-MiniLM-L6-v2 were trained to embed; needs a head that is one
-    linear layer, as the BERT family has) or `cls` (the model's own pooling, usually the first
-    token). `auto`: mean where the head allows it, else cls."""
+def set_pooling(model, setting: str, spec: str = "model") -> str:
+    """How a sequence classifier reads its input, returned for `sequence_logits`: `mean` (the
+    mean of the token states, how sentence encoders such as all-MiniLM-L6-v2 were trained to
+    embed; needs a head that is one linear layer, as the BERT family has) or `cls` (the model's
+    own pooling, usually the first token). `auto`: mean where the head allows it, else cls.
+    With mean, the encoder's own pooler computes nothing used (and DDP requires every parameter
+    to take part), so it is removed from `model`."""
     import torch
 
     fits = isinstance(getattr(model, "classifier", None), torch.nn.Linear) and hasattr(model, "dropout")
     if setting == "auto":
-        return "mean" if fits else "cls"
-    if setting == "mean" and not fits:
+        setting = "mean" if fits else "cls"
+    elif setting == "mean" and not fits:
         raise ProtegeError(f"{spec}: pooling mean needs a model whose classification head is one linear layer (the "
                            f"BERT family; this is {type(model).__name__}): set pooling to cls or auto")
-    if setting not in ("mean", "cls"):
+    elif setting not in ("mean", "cls"):
         raise ProtegeError(f"{spec}: pooling must be mean, cls or auto (got {setting!r})")
+    if setting == "mean" and getattr(model.base_model, "pooler", None) is not None:
+        model.base_model.pooler = None
     return setting
 
 
-def drop_unused_pooler(model, pooling: str) -> None:
-    """With mean pooling the encoder's own pooler computes nothing used (and DDP requires every
-    parameter to take part), so it goes."""
-    if pooling == "mean" and getattr(model.base_model, "pooler", None) is not None:
-        model.base_model.pooler = None
-
-
 def sequence_logits(model, input_ids, attention_mask, pooling: str):
-    """Logits of a sequence classifier under `pooling` (see resolve_pooling)."""
+    """Logits of a sequence classifier under `pooling` (see set_pooling)."""
     if pooling == "cls":
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -13,7 +13,7 @@ import orjson
 
 from ..errors import ProtegeError
 from .base import Context, Prediction, option
-from .hf import drop_unused_pooler, quantize_int8, quiet_transformers, resolve_pooling, sequence_logits
+from .hf import quantize_int8, quiet_transformers, sequence_logits, set_pooling
 
 
 class TrainedClassifier:
@@ -29,8 +29,7 @@ class TrainedClassifier:
         with quiet_transformers():
             self.model = AutoModelForSequenceClassification.from_pretrained(folder)
         self.model.eval()
-        self.pooling = resolve_pooling(self.model, meta.get("pooling", "cls"), self.spec)  # older runs: cls
-        drop_unused_pooler(self.model, self.pooling)
+        self.pooling = set_pooling(self.model, meta.get("pooling", "cls"), self.spec)  # older runs: cls
         quantize = option(options, "quantize", "none", str, self.spec)
         if quantize not in ("none", "int8"):
             raise ProtegeError(f"{self.spec}: quantize must be none or int8")

@@ -25,7 +25,7 @@ import torch
 from ..datasets.registry import Dataset
 from ..errors import ProtegeError
 from ..fsutil import folder_in_place
-from ..models.hf import drop_unused_pooler, quiet_transformers, resolve_pooling, sequence_logits
+from ..models.hf import quiet_transformers, sequence_logits, set_pooling
 from ..tasks.spec import Task
 from .common import nested_subset, write_model_card
 from .distributed import train_device
@@ -142,8 +142,7 @@ class ClassifierJob:
         self.y_val = [label2id[r["reference"]] for r in val]
         collate = _Collate(enc_train, tokenizer.pad_token_id or 0)
         self.collate_val = _Collate(self.enc_val, tokenizer.pad_token_id or 0)
-        self.pooling = resolve_pooling(model, recipe.pooling, f"base model {base!r}")
-        drop_unused_pooler(model, self.pooling)
+        self.pooling = set_pooling(model, recipe.pooling, f"base model {base!r}")
         model.to(train_device())
         if recipe.init_head == "centroids":
             _init_head_from_centroids(model, self.pooling, collate, enc_train, y_train, len(labels))
