@@ -134,19 +134,16 @@ def serve_cmd(
 
 def _drift_watch(store, home, task, run_id, predict, encoder_name: str, threshold):
     """The drift watch of the run being served, its reference built from the run's dataset."""
-    from ..datasets.registry import get_dataset
     from ..models.base import Context
     from ..models.knn import Encoder
-    from ..runs.registry import get_run
-    from ..serve.drift import DriftWatch, Reference
+    from ..serve.drift import DriftWatch, reference_for_run
 
     if run_id is None:
         raise ProtegeError("--drift needs a trained run (run:ID or --task): a bare model folder names no training data")
-    ds = get_dataset(store, get_run(store, run_id)["dataset_id"])
-    encoder = Encoder(encoder_name, Context(task=task, dataset=ds, home=home))
-    err.print(f"protege serve: building the drift reference from dataset {ds.id} ...")
-    ref = Reference.build(ds, encoder, predict, task.labels if task.kind == "classification" else None)
-    return DriftWatch(ref, encoder, threshold=threshold, dataset_id=ds.id)
+    encoder = Encoder(encoder_name, Context(task=task, dataset=None, home=home))
+    err.print(f"protege serve: building the drift reference from run {run_id}'s dataset ...")
+    ref, ds_id = reference_for_run(store, run_id, task, encoder, predict)
+    return DriftWatch(ref, encoder, threshold=threshold, dataset_id=ds_id)
 
 
 @route_app.command("calibrate")

@@ -65,6 +65,16 @@ class Reference:
         return cls(emb, np.concatenate(parts), mix, basis)
 
 
+def reference_for_run(store, run_id: str, task, encoder, predict) -> tuple[Reference, str]:
+    """The reference of what a trained run saw (its dataset), and that dataset's id."""
+    from ..datasets.registry import get_dataset
+    from ..runs.registry import get_run
+
+    ds = get_dataset(store, get_run(store, run_id)["dataset_id"])
+    labels = task.labels if task.kind == "classification" else None
+    return Reference.build(ds, encoder, predict, labels), ds.id
+
+
 class DriftWatch:
     """Collects served inputs and answers; tests them against the Reference."""
 

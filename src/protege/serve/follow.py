@@ -90,17 +90,14 @@ class Follower:
 
     def rebase_drift(self, watch, served: Served) -> None:
         """The drift reference follows the serving run's training data."""
-        from ..datasets.registry import get_dataset
         from ..runs.registry import get_run
         from ..tasks.spec import load_task
-        from .drift import Reference
+        from .drift import reference_for_run
 
-        ds_id = get_run(self.store, served.run_id)["dataset_id"]
-        if ds_id == watch.dataset_id:
+        if get_run(self.store, served.run_id)["dataset_id"] == watch.dataset_id:
             watch.threshold = served.threshold
             return
-        task = load_task(self.task_file)
-        ref = Reference.build(get_dataset(self.store, ds_id), watch.encoder, served.predict,
-                              task.labels if task.kind == "classification" else None)
+        ref, ds_id = reference_for_run(self.store, served.run_id, load_task(self.task_file), watch.encoder,
+                                       served.predict)
         watch.rebase(ref, ds_id, served.threshold)
         log.warning("protege serve: drift now tested against dataset %s (%s)", ds_id, ref.basis)
