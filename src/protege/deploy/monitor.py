@@ -17,14 +17,9 @@ import numpy as np
 
 from ..errors import ProtegeError
 from ..models.base import parse_spec
+from ..serve.shadow import agreement_of
 from ..traces.store import Store
 from .registry import current
-
-
-def _wilson(k: int, n: int):
-    from ..serve.shadow import wilson
-
-    return list(wilson(k, n))
 
 
 def health(store: Store, task: str, prices=None, limit: int = 1_000_000) -> dict:
@@ -47,13 +42,7 @@ def health(store: Store, task: str, prices=None, limit: int = 1_000_000) -> dict
     ok = [t for t in served if t["status"] == "ok"]
     lat = [t["latency_ms"] for t in ok if t.get("latency_ms") is not None]
     compared = [t for t in shadows if (t.get("metadata") or {}).get("agrees") is not None]
-    agreed = sum(1 for t in compared if t["metadata"]["agrees"])
-    per_label: dict[str, list[int]] = {}
-    for t in compared:
-        label = t["metadata"].get("specialist_answer") or "?"
-        per_label.setdefault(label, [0, 0])
-        per_label[label][0] += t["metadata"]["agrees"]
-        per_label[label][1] += 1
+    a = agreement_of([(t["metadata"].get("specialist_answer") or "?", t["metadata"]["agrees"]) for t in compared])
     n = len(served)
     return {
         "task": task, "deployment": d["id"], "run_id": d["run_id"], "since": str(d["created_at"]),
@@ -62,11 +51,9 @@ def health(store: Store, task: str, prices=None, limit: int = 1_000_000) -> dict
         "fallback_rate": who.get("fallback", 0) / n if n else None,
         "latency_ms": ({"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)), "n": len(lat)}
                        if lat else None),
-        "shadow": {"compared": len(compared), "errors": len(shadows) - len(compared),
-                   "agreement": agreed / len(compared) if compared else None,
-                   "ci95": _wilson(agreed, len(compared)),
-                   "per_label": {k: {"n": m, "agreement": a / m, "ci95": _wilson(a, m)}
-                                 for k, (a, m) in sorted(per_label.items())}},
+        "shadow": {"compared": a["n"], "errors": len(shadows) - len(compared), "agreement": a["value"],
+                   "ci95": a["ci95"], "per_label": {k: {"n": v["n"], "agreement": v["value"], "ci95": v["ci95"]}
+                                                    for k, v in a["per_label"].items()}},
         "frontier_cost": _frontier_cost(d, served, shadows, who.get("specialist", 0), prices),
     }
 

@@ -42,6 +42,18 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float | None, float | None]
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def agreement_of(pairs: list[tuple[str, bool]]) -> dict:
+    """Agreement of (the specialist's answer, agreed) pairs, with Wilson 95% CIs, overall and
+    per answer."""
+    n = len(pairs)
+    k = sum(1 for _, ok in pairs if ok)
+    per = Counter(label for label, _ in pairs)
+    ok = Counter(label for label, agreed in pairs if agreed)
+    return {"n": n, "value": k / n if n else None, "ci95": list(wilson(k, n)),
+            "per_label": {label: {"n": m, "value": ok[label] / m, "ci95": list(wilson(ok[label], m))}
+                          for label, m in sorted(per.items())}}
+
+
 @dataclass
 class ShadowStats:
     sent: int = 0
@@ -54,14 +66,7 @@ class ShadowStats:
     """(the specialist's answer, agreed) of the latest comparisons."""
 
     def agreement(self) -> dict:
-        n = len(self.window)
-        k = sum(1 for _, ok in self.window if ok)
-        lo, hi = wilson(k, n)
-        per = Counter(label for label, _ in self.window)
-        ok = Counter(label for label, agreed in self.window if agreed)
-        return {"n": n, "value": k / n if n else None, "ci95": [lo, hi],
-                "per_label": {label: {"n": m, "value": ok[label] / m, "ci95": list(wilson(ok[label], m))}
-                              for label, m in sorted(per.items())}}
+        return agreement_of(list(self.window))
 
 
 def agreement_rule(task) -> Callable[[str, str], bool]:
