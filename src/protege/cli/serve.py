@@ -81,7 +81,7 @@ def serve_cmd(
         deployment, served = initial(store, task.name, s.ensure_home(), str(task_file), {"quantize": quantize})
         name, predict, run_id, fb, threshold = served.name, served.predict, served.run_id, served.fallback, \
             served.threshold
-        own_alarm = served.alarm
+        own_alarm = served.alarm  # the deployment's own alarm settings
         background = (Follower(store, task.name, s.ensure_home(), str(task_file), deployment, poll_s=poll_s,
                                options={"quantize": quantize}),)
     else:
@@ -105,10 +105,9 @@ def serve_cmd(
     watch = _drift_watch(store, s.ensure_home(), task, run_id, predict, drift_encoder, threshold) if drift else None
     if alarm_agreement is not None and shadowing is None:
         raise ProtegeError("--alarm-agreement judges the shadow agreement: add --shadow-rate (and --shadow)")
-    own = (deployment or {}).get("options", {}).get("alarm")  # the deployment's own alarm settings
-    if own and own.get("agreement_floor") is not None and shadowing is None:
+    if own_alarm and own_alarm.get("agreement_floor") is not None and shadowing is None:
         err.print("protege serve: the deployment sets an agreement alarm, which needs shadowing: add --shadow-rate")
-    if alarm_agreement is not None or watch is not None or own:
+    if alarm_agreement is not None or watch is not None or own_alarm:
         from ..serve.guard import Guard, Policy
 
         if alarm_action not in ("fallback", "threshold"):

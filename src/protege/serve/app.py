@@ -83,10 +83,10 @@ class ServeApp:
         """Coroutine functions run beside the server (`f(app)`), e.g. following a deployment."""
         self.retired: list[Fallback] = []
         self.shadow = shadow
-        self.drift = drift
-        """Drift statistics (drift.py): every answered input, observed after the client has its answer."""
         """Shadow evaluation (shadow.py): a sampled share of the specialist's answers checked
         against the frontier in the background, after the client has its answer."""
+        self.drift = drift
+        """Drift statistics (drift.py): every answered input, observed after the client has its answer."""
         self.started = time.time()
 
     @property

@@ -67,8 +67,9 @@ class Guard:
         names = {f.name for f in dataclasses.fields(Policy)}
         return dataclasses.replace(self.policy, **{k: v for k, v in (served.alarm or {}).items() if k in names})
 
-    def reason(self, app: ServeApp) -> tuple[str, str] | None:
-        """(kind, why) of the first condition that holds now, else None."""
+    def reason(self, app: ServeApp, drift: dict | None = None) -> tuple[str, str] | None:
+        """(kind, why) of the first condition that holds now, else None. `drift`: the drift
+        status already computed for this check (else computed here)."""
         p = self.policy_for(app.served)
         if p.agreement_floor is not None and app.shadow is not None:
             a = app.shadow.stats.agreement()
@@ -77,7 +78,7 @@ class Guard:
                                      f"last {a['n']} comparisons (95% CI {a['ci95'][0]:.1%} to {a['ci95'][1]:.1%}), "
                                      f"under the floor of {p.agreement_floor:.0%}")
         if p.drift and app.drift is not None:
-            s = app.drift.status()
+            s = drift or app.drift.status()
             if s["input"]["alarm"]:
                 return "input drift", (f"{s['input']['share']:.0%} of the last {s['window']} inputs are farther from "
                                        f"the training inputs than 95% of held-out ones (p={s['input']['p_value']:.1e})")
@@ -88,10 +89,9 @@ class Guard:
 
     async def check(self, app: ServeApp, loop) -> None:
         served = app.served
-        if app.shadow is not None and app.drift is not None:
-            s = app.drift.status()
-            if s["input"]["alarm"] or s["labels"]["alarm"]:
-                app.shadow.raise_rate()  # drifting: check the specialist against the frontier more
+        drift = app.drift.status() if app.drift is not None else None  # once per check
+        if app.shadow is not None and drift is not None and (drift["input"]["alarm"] or drift["labels"]["alarm"]):
+            app.shadow.raise_rate()  # drifting: check the specialist against the frontier more
         if self.alarm is not None:
             if served.deployment != self.alarm.get("deployment"):  # a new deployment took over
                 self._clear(app, "a new deployment took over", restore=False)
@@ -100,7 +100,7 @@ class Guard:
                 if d["alarm"] is None:
                     self._clear(app, "reset", restore=True)
             return
-        found = self.reason(app)
+        found = self.reason(app, drift)
         recorded = None
         if found is None and served.deployment and self.store is not None:
             d = await loop.run_in_executor(None, get_deployment, self.store, served.deployment)
