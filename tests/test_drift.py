@@ -19,6 +19,15 @@ from protege.serve.drift import DriftWatch, Reference
 CANARD = EXAMPLES.parent / "canard" / "test.jsonl.gz"
 
 
+def bank_reference(store, tmp_path, home):
+    """(task, dataset, MiniLM encoder, knn:minilm as the specialist, the drift reference) on the six-intent slice."""
+    task, ds = make_banking(store, tmp_path, home)
+    ctx = Context(task=task, dataset=ds, home=home, train=ds.split("train"))
+    encoder = Encoder("minilm", ctx)
+    specialist = build_candidate("knn:minilm", ctx)
+    return task, ds, encoder, specialist, Reference.build(ds, encoder, specialist.predict, task.labels)
+
+
 def stream_until_alarm(watch: DriftWatch, texts: list[str], predict, kind: str) -> int | None:
     """Feed `texts` one by one; the request count at which `kind` first alarms (None: never)."""
     for i, (text, pred) in enumerate(zip(texts, predict([{"input": t} for t in texts])), start=1):
@@ -32,11 +41,7 @@ def stream_until_alarm(watch: DriftWatch, texts: list[str], predict, kind: str) 
 
 
 def test_drift_alarms_on_out_of_domain_inputs_not_on_in_distribution_ones(sqlite_store, tmp_path, home):
-    task, ds = make_banking(sqlite_store, tmp_path, home)
-    ctx = Context(task=task, dataset=ds, home=home, train=ds.split("train"))
-    encoder = Encoder("minilm", ctx)
-    specialist = build_candidate("knn:minilm", ctx)
-    ref = Reference.build(ds, encoder, specialist.predict, task.labels)
+    task, ds, encoder, specialist, ref = bank_reference(sqlite_store, tmp_path, home)
     assert 0 < ref.q95 < 1 and set(ref.label_counts) == set(LABELS)
 
     seen = {r["input"] for name in ("train", "validation", "test") for r in ds.split(name)}
@@ -78,11 +83,7 @@ def test_drift_alarms_on_out_of_domain_inputs_not_on_in_distribution_ones(sqlite
 
 
 def test_label_mix_alarm_when_the_answers_shift(sqlite_store, tmp_path, home):
-    task, ds = make_banking(sqlite_store, tmp_path, home)
-    ctx = Context(task=task, dataset=ds, home=home, train=ds.split("train"))
-    encoder = Encoder("minilm", ctx)
-    specialist = build_candidate("knn:minilm", ctx)
-    ref = Reference.build(ds, encoder, specialist.predict, task.labels)
+    task, ds, encoder, specialist, ref = bank_reference(sqlite_store, tmp_path, home)
     # the same inputs as training, but every answer one label: the mix has moved, the inputs have not
     watch = DriftWatch(ref, encoder, window=150, min_n=100)
     try:
@@ -101,11 +102,8 @@ def test_served_requests_feed_the_drift_watch_and_metrics(sqlite_store, tmp_path
 
     from protege.serve.app import ServeApp
 
-    task, ds = make_banking(sqlite_store, tmp_path, home)
-    ctx = Context(task=task, dataset=ds, home=home, train=ds.split("train"))
-    encoder = Encoder("minilm", ctx)
-    specialist = build_candidate("knn:minilm", ctx)
-    watch = DriftWatch(Reference.build(ds, encoder, specialist.predict, task.labels), encoder, min_n=10)
+    task, ds, encoder, specialist, ref = bank_reference(sqlite_store, tmp_path, home)
+    watch = DriftWatch(ref, encoder, min_n=10)
     app = ServeApp("bank6-knn", specialist.predict, task=task.name, drift=watch)
     texts = [r["input"] for r in ds.split("test")]
     with ServerThread(app) as server:
