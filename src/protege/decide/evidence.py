@@ -51,13 +51,18 @@ def runs_of(store: Store, task: str, kind: str) -> list[RunRecord]:
     return list_runs(store, task=task, kind=kind, status="done", limit=None)
 
 
+def decision_benches(store: Store, task: str, dataset_id: str) -> list[RunRecord]:
+    """The finished benches on the dataset that a decision reads, newest first. Tagged benches
+    are not candidates for it: a learning curve's score its points, the promotion gate's
+    compare two runs with the serving one as their reference."""
+    return [r for r in runs_of(store, task, "bench")
+            if r["dataset_id"] == dataset_id and not (r["config"] or {}).get("tag")]
+
+
 def gather(store: Store, task: Task, ds: Dataset, inputs: Inputs, *, prices=None,
            home: Path | None = None) -> Evidence:
     """Every candidate's newest bench on dataset `ds`, rescored on the shared test rows."""
-    # tagged benches are not candidates for this decision: a learning curve's score its
-    # points, the promotion gate's compare two runs with the serving one as their reference
-    benches = [r for r in runs_of(store, task.name, "bench")
-               if r["dataset_id"] == ds.id and not (r["config"] or {}).get("tag")]
+    benches = decision_benches(store, task.name, ds.id)
     if not benches:
         raise ProtegeError(f"no bench runs for task {task.name} on dataset {ds.id}: run `protege bench "
                            f"{task.path or 'TASK_FILE'} -c REFERENCE -c CANDIDATE ...` first")

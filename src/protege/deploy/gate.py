@@ -23,9 +23,10 @@ from pathlib import Path
 
 from ..bench.run import run_bench
 from ..datasets.registry import Dataset
+from ..decide.evidence import decision_benches
+from ..decide.formatting import pct
 from ..errors import ProtegeError
 from ..models.trained import finished_run_model
-from ..runs.registry import list_runs
 from ..tasks.spec import Task
 from ..traces.store import Store
 from .registry import current
@@ -63,14 +64,9 @@ class GateResult:
                 "checks": [c.__dict__ for c in self.checks]}
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def reference_score(store: Store, task: Task, ds: Dataset, metric: str) -> dict | None:
     """The decision's reference on `ds` (named by the newest untagged bench) and its newest score."""
-    benches = [r for r in list_runs(store, task=task.name, kind="bench", status="done", limit=None)
-               if r["dataset_id"] == ds.id and not (r["config"] or {}).get("tag")]
+    benches = decision_benches(store, task.name, ds.id)
     if not benches:
         return None
     ref = benches[0]["config"]["reference"]
@@ -116,7 +112,7 @@ def gate(store: Store, task: Task, ds: Dataset, home: Path, run_id: str, *, marg
         ok = lo >= -margin
         result.checks.append(Check(
             "not worse than the serving run", ok,
-            f"{spec} scores {metric} {_pct(cand['value'])} against {_pct(old['value'])} for the serving "
+            f"{spec} scores {metric} {pct(cand['value'])} against {pct(old['value'])} for the serving "
             f"run:{serving['run_id']} on the same {report.rows:,} rows: {100 * p['difference']:+.1f} points "
             f"(paired 95% CI {100 * lo:+.1f} to {100 * hi:+.1f}); the gate allows no lower bound under "
             f"{-100 * margin:.1f}" + ("" if ok else ": it may be worse")))
@@ -131,6 +127,6 @@ def gate(store: Store, task: Task, ds: Dataset, home: Path, run_id: str, *, marg
         ok = cand["value"] >= bar
         result.checks.append(Check(
             "clears the bar", ok,
-            f"{spec} scores {_pct(cand['value'])}; the bar is {_pct(bar)} ({ref['reference']}'s {_pct(ref['value'])} "
+            f"{spec} scores {pct(cand['value'])}; the bar is {pct(bar)} ({ref['reference']}'s {pct(ref['value'])} "
             f"less the {100 * tolerance:.0f}-point tolerance)" + ("" if ok else ": it falls short")))
     return result
