@@ -23,6 +23,7 @@ def deploy_cmd(
     margin: float = typer.Option(0.01, "--margin", min=0, max=1, help="How far below the serving run the paired CI's "
                                  "lower bound may reach (0.01: 1 point)."),
     tolerance: float = typer.Option(0.02, "--tolerance", min=0, max=1, help="The bar: the reference's score less this."),
+    bar: Optional[float] = typer.Option(None, "--bar", min=0, max=1, help="State the bar instead (recorded as stated)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION benchmark (default: the task's newest)."),
     force: bool = typer.Option(False, "--force", help="Deploy even if the gate fails (recorded as forced)."),
     alarm_agreement: Optional[float] = typer.Option(None, "--alarm-agreement", min=0, max=1, help="This deployment's "
@@ -56,7 +57,7 @@ def deploy_cmd(
     ds = get_dataset(store, dataset or task.name)
     before = current(store, task.name)
     result = gate(store, task, ds, s.ensure_home(), run[4:] if run.startswith("run:") else run, margin=margin,
-                  tolerance=tolerance, prices=load_prices(s.prices_path))
+                  tolerance=tolerance, prices=load_prices(s.prices_path), threshold=threshold, bar=bar)
     failed = [c for c in result.checks if not c.ok]
     deployed = None
     if not failed or force:

@@ -132,6 +132,48 @@ def traces_show(
             console.print(f"[bold]{key}[/]: {fmt(value) if value is None else value}")
 
 
+@traces_app.command("feedback")
+def traces_feedback(
+    ctx: typer.Context,
+    trace_id: Optional[str] = typer.Argument(None, help="Trace id or a unique prefix of it."),
+    correction: Optional[str] = typer.Option(None, "--correction", help="The right answer (a human's review)."),
+    note: Optional[str] = typer.Option(None, "--note", help="Free text kept with the review."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Many at once: JSONL of {\"id\": TRACE_ID, "
+                                        "\"correction\": ..., \"note\": ...} lines."),
+):
+    """Record a human review on stored traces: `protege retrain` and `dataset build` take the correction as the truth."""
+    from ..errors import ProtegeError
+
+    store = open_store(ctx)
+    if (file is None) == (trace_id is None):
+        raise ProtegeError("give a TRACE_ID with --correction/--note, or --file FILE")
+    items = []
+    if file is not None:
+        for n, line in enumerate(file.read_text("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ProtegeError(f"{file}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+                raise ProtegeError(f"{file}:{n}: each line needs a trace \"id\" (a string)")
+            fb = {k: obj[k] for k in ("correction", "note") if obj.get(k) is not None}
+            if not fb:
+                raise ProtegeError(f"{file}:{n}: give a \"correction\" or a \"note\"")
+            items.append((obj["id"], fb))
+    else:
+        fb = {k: v for k, v in (("correction", correction), ("note", note)) if v is not None}
+        if not fb:
+            raise ProtegeError("give --correction and/or --note")
+        items.append((trace_id, fb))
+    for tid, _ in items:  # every id resolves before anything is written
+        store.get_trace(tid)
+    for tid, fb in items:
+        store.set_feedback(tid, fb)
+    console.print(f"feedback recorded on {len(items):,} trace{'s' if len(items) != 1 else ''}")
+
+
 @traces_app.command("export")
 def traces_export(
     ctx: typer.Context,

@@ -77,8 +77,9 @@ def _text(content: Any) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _example(row: dict, group_by: str | None = None) -> dict | None:
-    """The dataset row for a trace: its last user message is the input."""
+def example_from_trace(row: dict, group_by: str | None = None) -> dict | None:
+    """The dataset row for a stored trace (None when it has no user message): its last user
+    message is the input, its reply the output, a human correction (feedback) the gold."""
     request = row.get("request") or {}
     messages = request.get("messages") if isinstance(request, dict) else None
     if isinstance(messages, list) and messages:
@@ -110,7 +111,12 @@ def _example(row: dict, group_by: str | None = None) -> dict | None:
 def example_from_request(body: dict) -> dict | None:
     """The dataset row a chat request would make (`input` is its last user message): what a
     served specialist answers, exactly as it was trained."""
-    return _example({"request": body})
+    return example_from_trace({"request": body})
+
+
+FLYWHEEL_SOURCES = ("serve", "shadow")
+"""Traces protege's own server wrote: the flywheel's (datasets/flywheel.py), where only the
+frontier's answers and human corrections become references, never the specialist's own."""
 
 
 def _match(row: dict, task: Task) -> bool:
@@ -118,6 +124,8 @@ def _match(row: dict, task: Task) -> bool:
     if f.models and row.get("model") not in f.models:
         return False
     if f.sources and row.get("source") not in f.sources:
+        return False
+    if not f.sources and row.get("source") in FLYWHEEL_SOURCES:
         return False
     created = row.get("created_at")
     if isinstance(created, datetime):
@@ -233,7 +241,7 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
     def prepare(rows: list[dict], name: str, from_file: bool) -> list[dict]:
         out, no_input, invalid = [], 0, 0
         for row in rows:
-            ex = _example(row, task.split.group_by)
+            ex = example_from_trace(row, task.split.group_by)
             if ex is None or not ex["input"].strip() or ex["output"] is None:
                 no_input += 1
                 continue
@@ -351,8 +359,9 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
 
 
 def freeze_splits(store: Store, task: Task, home: Path, splits: dict[str, list[dict]], *, steps: list[Step],
-                  pii_counts: dict, leakage: dict, test_from=None) -> BuildResult:
-    """Write the splits as a new content-addressed dataset version (or find the identical one)."""
+                  pii_counts: dict, leakage: dict, test_from=None, extra: dict | None = None) -> BuildResult:
+    """Write the splits as a new content-addressed dataset version (or find the identical one).
+    `extra`: more fields for the manifest (the flywheel's: what the served traffic added)."""
     for name in SPLITS:
         for ex in splits[name]:
             ex.pop("has_gold", None)
@@ -368,7 +377,8 @@ def freeze_splits(store: Store, task: Task, home: Path, splits: dict[str, list[d
     # without one (labelled tickets, a test file) only when there are no others
     called = [ex for name in ("train", "test") for ex in splits[name] if (ex.get("recorded") or {}).get("model")]
     tokens = _token_report(task, called or splits["train"] or splits["test"], home)
-    return _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, leakage, tokens, test_from)
+    return _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, leakage, tokens, test_from,
+                   extra or {})
 
 
 def _host() -> str:
@@ -411,7 +421,8 @@ def _sweep_stale_builds(root: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, leakage, tokens, test_from) -> BuildResult:
+def _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, leakage, tokens, test_from,
+            extra) -> BuildResult:
     t = schema.datasets
     root = Path(home) / "datasets"
     path = root / content_hash[:16]
@@ -432,7 +443,7 @@ def _freeze(store, task, home, content_hash, blobs, sizes, steps, pii_counts, le
                         "task_file": str(task.path) if task.path else None,
                         "test_from": str(test_from) if test_from else None,
                         "steps": [s.__dict__ for s in steps], "pii": pii_counts, "leakage": leakage, "tokens": tokens,
-                        "created_at": datetime.now(timezone.utc).isoformat()}
+                        "created_at": datetime.now(timezone.utc).isoformat(), **extra}
             (tmp / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
         if existing is not None:  # the row survived but its files were deleted: rewrite them, keep the version
             version, dataset_id = existing.version, existing.id

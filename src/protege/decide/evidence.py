@@ -75,7 +75,7 @@ def gather(store: Store, task: Task, ds: Dataset, inputs: Inputs, *, prices=None
     notes: list[str] = []
     metric_names = [m for m in task.metric_names if m != "judge"]
     metric = metric_names[0]
-    outputs = {spec: _outputs(run) for spec, run in newest.items()}
+    outputs = {spec: bench_outputs(run) for spec, run in newest.items()}
     ref_out = outputs[reference]
     # benches made at different times may cover different rows: compare row for row
     common = [i for i in ref_out if all(i in o for o in outputs.values())]
@@ -144,7 +144,8 @@ def latest_curve(store: Store, task: str, dataset_id: str) -> Curve | None:
     return Curve(run_id=c["id"], metric=c["metrics"]["metric"], points=pts, fit=fit_power_law(pts))
 
 
-def _outputs(run: dict) -> dict[str, dict]:
+def bench_outputs(run: dict) -> dict[str, dict]:
+    """A bench run's per-row outputs, by row id."""
     path = Path(run["outputs_path"] or "")
     if not path.exists():
         raise ProtegeError(f"bench run {run['id']} ({run['config'].get('candidate')}): its outputs file {path} is "

@@ -49,7 +49,9 @@ class TraceFilter(_Strict):
     """The task tag the traces carry (X-Protege-Task / metadata.protege_task / --task)."""
     models: list[str] | None = None
     """Only traces answered by one of these models."""
-    sources: list[Literal["proxy", "sdk", "import", "serve"]] | None = None
+    sources: list[Literal["proxy", "sdk", "import", "serve", "shadow"]] | None = None
+    """Only traces of these sources. Unset: every source but protege serve's own (serve,
+    shadow), which `protege retrain` reads, taking only the frontier's answers from them."""
     since: datetime | date | None = None
     """Only traces created at or after this time (ISO-8601)."""
     until: datetime | date | None = None

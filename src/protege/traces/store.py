@@ -136,6 +136,15 @@ class Store:
             found.update(conn.execute(sa.select(col).where(col.in_(chunk))).scalars())
         return found
 
+    def set_feedback(self, trace_id: str, feedback: dict) -> dict:
+        """Merge `feedback` (e.g. {"correction": LABEL}, a human's review) into a stored trace's
+        feedback; returns the trace as updated. `trace_id` may be a unique prefix."""
+        row = self.get_trace(trace_id)
+        merged = {**(row.get("feedback") or {}), **feedback}
+        with self.engine.begin() as conn:
+            conn.execute(schema.traces.update().where(schema.traces.c.id == row["id"]).values(feedback=merged))
+        return {**row, "feedback": merged}
+
     # -- reads ------------------------------------------------------------------------
 
     def _filtered(self, stmt, task=None, status=None, source=None, model=None, endpoint=None):

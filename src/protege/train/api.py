@@ -53,10 +53,11 @@ def build_job(store: Store, task: Task, dataset: Dataset, home: Path, base: str,
 
 def train(store: Store, task: Task, dataset: Dataset, home: Path, base: str, method: str, recipe, *,
           time_budget_min: float | None = None, console=None, train_fraction: float | None = None,
-          on_step: Callable[[int], None] | None = None, prices=None) -> str:
-    """Train a specialist; returns the run id (bench it as run:RUN_ID)."""
+          on_step: Callable[[int], None] | None = None, prices=None, config_extra: dict | None = None) -> str:
+    """Train a specialist; returns the run id (bench it as run:RUN_ID). `config_extra`: more
+    keys recorded in the run's config (e.g. the flywheel turn that started it)."""
     dist = Dist.from_env()
-    extra = {}
+    extra = dict(config_extra or {})
     if method == "student" and train_fraction is not None:
         raise ProtegeError("method student learns from every reply the teacher gave: it has no learning curve "
                            "(train_fraction); curve the method the student is compared with")
