@@ -138,3 +138,62 @@ def test_retrain_without_a_deployment_names_what_to_train(sqlite_store, tmp_path
     code, _, err = run(capsys, "--db", sqlite_store.url, "retrain", str(task.path))
     assert code == 1 and "the first `protege retrain` names what to train (--base and --method" in said(err)
     assert set(LABELS)  # the slice's labels are the task's
+
+
+def test_cold_start_frontier_answers_until_the_flywheel_deploys_its_student(sqlite_store, tmp_path, home, capsys):
+    """No labels, no dataset, no deployment: protege serve lets the frontier answer everything,
+    the first `protege retrain` learns from those answers alone, and the server follows it."""
+    import httpx
+    from helpers import ServerThread, wait_for
+
+    from protege.capture.writer import TraceWriter
+    from protege.serve.app import ServeApp
+    from protege.serve.follow import Follower, initial
+    from protege.tasks.spec import load_task
+    from protege.testing import ScriptedUpstream
+    from protege.train.recipe import load_recipe
+
+    task_path = tmp_path / "cold.yaml"
+    task_path.write_text(f"""name: cold6
+kind: classification
+labels: [{", ".join(LABELS)}]
+prompt:
+  system: Classify the bank customer's message into one support intent.
+references: frontier
+split: {{method: random, test_fraction: 0.2, validation_fraction: 0.15}}
+tokenizer: none
+""")
+    task = load_task(task_path)
+    truth = dict(fresh_tickets(0, 30))
+    frontier = ScriptedUpstream(model="gpt-4", reply=lambda req: truth[req["messages"][-1]["content"]]).start()
+    spec = f"openai:gpt-4@{frontier.url}"
+    code, _, err = run(capsys, "--db", sqlite_store.url, "serve", "--task", str(task_path))
+    assert code == 1 and "or --fallback openai:MODEL@URL to let the frontier answer" in said(err)
+    d, served = initial(sqlite_store, task.name, home, str(task_path), {}, frontier=spec)
+    assert d is None and served.name == "frontier-only:gpt-4"
+    writer = TraceWriter(sqlite_store, tmp_path / "spool")
+    app = ServeApp(served.name, served.predict, task=task.name, writer=writer, fallback=served.fallback,
+                   threshold=served.threshold, background=(Follower(sqlite_store, task.name, home, str(task_path), None,
+                                                                    poll_s=0.05),))
+    texts = list(truth)
+    with ServerThread(app) as server, httpx.Client(timeout=60) as c:
+        def ask(text):
+            r = c.post(f"{server.url}/v1/chat/completions",
+                       json={"model": "m", "messages": [{"role": "user", "content": text}]})
+            assert r.status_code == 200, r.text
+            return r.headers["x-protege-answered-by"], r.json()["choices"][0]["message"]["content"]
+
+        assert {ask(t) == ("fallback", truth[t]) for t in texts[:150]} == {True}
+        assert writer.flush()
+        turn = retrain(sqlite_store, task, home, min_new=100, base="minilm", method="classifier",
+                       recipe=load_recipe("classifier", overrides=["epochs=3", "batch_size=16", "eval_every=5"]),
+                       fallback=spec, target=0.9, tolerance=0.1)
+        assert turn.action == "promoted", turn.reasons
+        ds = get_dataset(sqlite_store, turn.dataset)
+        assert ds.manifest["flywheel"]["root"] is None and ds.split_sizes["test"] > 10
+        assert turn.gate["cascade"]["threshold"] == turn.threshold and turn.gate["bar"]["reference"] == "replay"
+        assert wait_for(lambda: app.served.deployment == turn.deployment, timeout=60)
+        answers = [ask(t) for t in texts[150:]]
+        assert sum(who == "specialist" for who, _ in answers) > 0
+        assert sum(who == "fallback" for who, _ in answers) > 0  # the low-confidence ones
+    frontier.stop()

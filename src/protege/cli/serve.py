@@ -21,7 +21,8 @@ def serve_cmd(
                                            "train; leave it out to serve --task's active deployment and follow it."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
-    fallback: Optional[str] = typer.Option(None, "--fallback", help="openai:MODEL@BASE_URL answering low-confidence requests."),
+    fallback: Optional[str] = typer.Option(None, "--fallback", help="openai:MODEL@BASE_URL answering low-confidence "
+                                           "requests (with --task alone: every request, until the first deployment)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0, max=1,
                                               help="Below this confidence the fallback answers "
                                               "(protege route calibrate picks it)."),
@@ -63,28 +64,30 @@ def serve_cmd(
     from ..serve.fallback import Fallback
     from ..serve.specialist import load_specialist
 
-    if (fallback is None) != (threshold is None):
-        raise ProtegeError("--fallback and --threshold go together: the fallback answers below the threshold")
     s = settings(ctx)
     store = open_store(ctx)
     deployment, background, own_alarm = None, (), None
     if target is None:
         if task_file is None:
             raise ProtegeError("name what to serve: run:RUN_ID, or --task TASK_FILE for the task's active deployment")
-        if fallback is not None:
+        if threshold is not None:
             raise ProtegeError("--task alone serves the deployment's own --threshold and --fallback (`protege deploy "
-                               "... --threshold T --fallback F`); drop them here")
+                               "... --threshold T --fallback F`); drop --threshold (--fallback alone: the frontier "
+                               "that answers everything until the task's first deployment)")
         from ..serve.follow import Follower, initial
         from ..tasks.spec import load_task
 
         task = load_task(task_file)
-        deployment, served = initial(store, task.name, s.ensure_home(), str(task_file), {"quantize": quantize})
+        deployment, served = initial(store, task.name, s.ensure_home(), str(task_file), {"quantize": quantize},
+                                     frontier=fallback)
         name, predict, run_id, fb, threshold = served.name, served.predict, served.run_id, served.fallback, \
             served.threshold
         own_alarm = served.alarm  # the deployment's own alarm settings
         background = (Follower(store, task.name, s.ensure_home(), str(task_file), deployment, poll_s=poll_s,
                                options={"quantize": quantize}),)
     else:
+        if (fallback is None) != (threshold is None):
+            raise ProtegeError("--fallback and --threshold go together: the fallback answers below the threshold")
         name, predict, task, run_id = load_specialist(target, store, s.ensure_home(),
                                                       str(task_file) if task_file else None, {"quantize": quantize})
         fb = Fallback(fallback) if fallback else None
@@ -119,8 +122,9 @@ def serve_cmd(
                    max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id,
                    batch_wait_s=batch_wait_ms / 1000, deployment=deployment["id"] if deployment else None,
                    background=background, shadow=shadowing, drift=watch, alarm=own_alarm)
-    route = f", below {threshold} → {fb.model}" if fb else ""
-    following = f"  (deployment {deployment['id'][:13]}, followed every {poll_s:g} s)" if deployment else ""
+    route = f", below {threshold} → {fb.model}" if fb and (deployment or not background) else ""
+    following = f"  (deployment {deployment['id'][:13]}, followed every {poll_s:g} s)" if deployment else (
+        f"  (no deployment yet: {fb.model} answers everything; followed every {poll_s:g} s)" if background else "")
     if shadowing is not None:
         following += f"  (shadow: {shadow_rate:.0%} → {shadowing.frontier.model})"
     err.print(f"protege serve: {name} on http://{host}:{port}/v1{route}{following}"
