@@ -20,7 +20,7 @@ from .common import console, err, exit_on_lost_traces, print_json, settings
 from .dataset import dataset_app
 from .decide import decide_cmd
 from .deploy import deploy_cmd, deployments_app, monitor_cmd, rollback_cmd
-from .flywheel import retrain_cmd
+from .flywheel import rebase_cmd, retrain_cmd
 from .serve import route_app, serve_cmd
 from .traces import traces_app
 from .train import curve_cmd, runs_app, train_cmd
@@ -38,6 +38,7 @@ app.command("deploy")(deploy_cmd)
 app.command("rollback")(rollback_cmd)
 app.command("monitor")(monitor_cmd)
 app.command("retrain")(retrain_cmd)
+app.command("rebase")(rebase_cmd)
 app.add_typer(deployments_app, name="deployments")
 app.add_typer(route_app, name="route")
 app.add_typer(runs_app, name="runs")

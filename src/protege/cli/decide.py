@@ -67,7 +67,7 @@ def render(d, store=None) -> None:
     report, with the warnings at its top, is --md / --html."""
     from rich.markup import escape
 
-    from ..decide.report import header_lines, projection_lines, run_line, tables
+    from ..decide.report import header_lines, history_lines, projection_lines, run_line, tables
     from .tables import abbreviate, print_table
 
     names = {c.spec: abbreviate(store, c.spec) for c in d.candidates}  # one lookup per candidate
@@ -97,6 +97,8 @@ def render(d, store=None) -> None:
             f"{h} {escape(c)}" for h, c in zip(head[1:], row[1:]) if c) + "[/]")
     for n in d.notes:
         console.print(f"[dim]Note: {escape(n)}[/]")
+    for h in history_lines(d.history):
+        console.print(f"[dim]History: {escape(short(h))}[/]")
     console.print()
     for w in d.warnings:
         console.print(f"[bold yellow]Read first:[/] {escape(w)}")

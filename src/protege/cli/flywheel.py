@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..prices import DEFAULT_HARDWARE_USD_PER_HOUR
 from .common import console, err, open_store, print_json, settings
 
 
@@ -71,3 +72,45 @@ def retrain_cmd(
     console.print(f"[bold {colour}]{turn.action}[/]" + (f": {turn.dataset}" if turn.dataset else ""))
     for r in turn.reasons:
         console.print(f" • {r}", highlight=False)
+
+
+def rebase_cmd(
+    ctx: typer.Context,
+    task_file: Path = typer.Argument(..., help="The task's YAML file."),
+    base: Optional[str] = typer.Option(None, "--base", help="The new base model: train it as the specialist was."),
+    frontier: Optional[str] = typer.Option(None, "--frontier", help="The new frontier candidate (openai:MODEL@URL, "
+                                           "replay?model=..., any spec): bench it in the reference's place."),
+    run: Optional[str] = typer.Option(None, "--run", help="The specialist to rebase (default: the decision's)."),
+    monthly_requests: Optional[float] = typer.Option(None, "--monthly-requests", min=1, help="Your volume (payback)."),
+    hardware_usd_per_hour: float = typer.Option(DEFAULT_HARDWARE_USD_PER_HOUR, "--hardware-usd-per-hour", min=0,
+                                                help="Price of the machine that trains and serves the specialist."),
+    tolerance: float = typer.Option(0.02, "--tolerance", min=0, max=1, help="Quality below the reference accepted."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", min=0.1, help="Stop training after N minutes."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="TASK@VERSION (default: the decision's, newest)."),
+    md_out: Optional[Path] = typer.Option(None, "--md", help="Also write the report as Markdown here."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """A new base or frontier model: re-run what the decision rests on with it; side by side, verdict before and after."""
+    from ..decide.analysis import Inputs
+    from ..decide.rebase import rebase, rebase_markdown
+    from ..prices import cached_prices
+    from ..tasks.spec import load_task
+
+    task = load_task(task_file)
+    s = settings(ctx)
+    inputs = Inputs(monthly_requests=monthly_requests, hardware_usd_per_hour=hardware_usd_per_hour,
+                    tolerance=tolerance)
+    report = rebase(open_store(ctx), task, s.ensure_home(), inputs, base=base, frontier=frontier, run=run,
+                    dataset=dataset, time_budget_min=time_budget,
+                    prices=cached_prices(str(s.prices_path) if s.prices_path else None),
+                    console=err)
+    text = rebase_markdown(report)
+    if md_out is not None:
+        md_out.parent.mkdir(parents=True, exist_ok=True)
+        md_out.write_text(text, "utf-8")
+    if as_json:
+        print_json(report)
+        return
+    from rich.markdown import Markdown
+
+    console.print(Markdown(text))

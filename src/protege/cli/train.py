@@ -127,7 +127,7 @@ def curve_cmd(
 def runs_list(
     ctx: typer.Context,
     task: Optional[str] = typer.Option(None, "--task"),
-    kind: Optional[str] = typer.Option(None, "--kind", help="train | bench | curve"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="train | bench | curve | rebase"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Runs, newest first."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..tasks.spec import Task
 from ..traces.store import Store
 from .economics import economics_of
-from .evidence import gather, latest_curve, not_benched
+from .evidence import decision_history, gather, latest_curve, not_benched
 from .formatting import pct
 from .risk import risk_of
 from .types import Decision, Inputs
@@ -43,7 +43,8 @@ def decide(store: Store, task: Task, inputs: Inputs, *, dataset: str | None = No
     return Decision(task=task.name, dataset=ds.id, metric=ev.metric, test_rows=ev.test_rows,
                     reference=ev.reference, inputs=inputs, candidates=ev.candidates, curve=curve,
                     economics=economics, risk=risk, verdict=rec.verdict, run=rec.run, reasons=rec.reasons,
-                    reference_status=status, warnings=warnings, prices_as_of=ev.prices_as_of, notes=notes)
+                    reference_status=status, warnings=warnings, prices_as_of=ev.prices_as_of, notes=notes,
+                    history=decision_history(store, task.name))
 
 
 HOW_TO_MEASURE = ("To measure the frontier, give protege its own answers: import its recorded replies with your "

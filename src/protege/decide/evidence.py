@@ -144,6 +144,20 @@ def latest_curve(store: Store, task: str, dataset_id: str) -> Curve | None:
     return Curve(run_id=c["id"], metric=c["metrics"]["metric"], points=pts, fit=fit_power_law(pts))
 
 
+def decision_history(store: Store, task: str) -> list[dict]:
+    """The task's rebases, newest first: when, what changed, the verdict before and after."""
+    out = []
+    for r in runs_of(store, task, "rebase"):
+        m = r["metrics"] or {}
+        out.append({"run_id": r["id"], "when": str(r["created_at"])[:10], "dataset": r["dataset_id"],
+                    "changes": [f"{c['kind']} {c.get('old_model') or c['old']} → {c.get('new_model') or c['new']}"
+                                for c in m.get("changes", [])],
+                    "before": (m.get("before") or {}).get("verdict"), "after": (m.get("after") or {}).get("verdict"),
+                    "reference_before": (m.get("before") or {}).get("reference"),
+                    "reference_after": (m.get("after") or {}).get("reference"), "why": m.get("why")})
+    return out
+
+
 def bench_outputs(run: dict) -> dict[str, dict]:
     """A bench run's per-row outputs, by row id."""
     path = Path(run["outputs_path"] or "")

@@ -84,6 +84,8 @@ class Decision:
     """What the reader must know before the verdict (shown at the top of every report)."""
     prices_as_of: str | None
     notes: list[str]
+    history: list[dict] = field(default_factory=list)
+    """The task's earlier decisions made again (`protege rebase`), newest first."""
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -1,9 +1,10 @@
 """The runs registry: every read and write of the `runs` table.
 
-A run is one of three kinds, each written by its stage and read by the later ones:
+A run is one of four kinds, each written by its stage and read by the later ones:
 `train` (protege train: the recipe, base, dataset and the model folder), `bench` (one
-candidate on one frozen benchmark: its metrics and per-row outputs file) and `curve` (a
-learning curve: its points). Records come back as `RunRecord` dicts, the row as stored,
+candidate on one frozen benchmark: its metrics and per-row outputs file), `curve` (a
+learning curve: its points) and `rebase` (protege rebase: a decision made again with a new
+base or frontier model, before and after). Records come back as `RunRecord` dicts, the row as stored,
 so `protege runs show --json` prints exactly what is in the store.
 """
 
@@ -19,14 +20,14 @@ from ..ids import uuid7
 from ..traces import schema
 from ..traces.store import Store, id_prefix
 
-KINDS = ("train", "bench", "curve")
+KINDS = ("train", "bench", "curve", "rebase")
 FINISHED = ("done", "failed", "stopped")
 
 
 class RunRecord(TypedDict):
     id: str
     kind: str
-    """train | bench | curve"""
+    """train | bench | curve | rebase"""
     task: str | None
     status: str
     """running | done | failed | stopped"""
