@@ -28,7 +28,7 @@ def retrain_cmd(
     target: Optional[float] = typer.Option(None, "--target", min=0, max=1, help="Pick the threshold whose cascade "
                                            "reaches this quality on the new validation split (kept for next turns)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="The frontier candidate benched beside the runs "
-                                            "(default: the decision's reference)."),
+                                            "(default: the decision's reference; none: no reference, state --bar)."),
     margin: float = typer.Option(0.01, "--margin", min=0, max=1, help="The gate's non-inferiority margin."),
     tolerance: float = typer.Option(0.02, "--tolerance", min=0, max=1, help="The bar: the reference's score less this."),
     bar: Optional[float] = typer.Option(None, "--bar", min=0, max=1, help="State the bar instead (recorded as stated)."),

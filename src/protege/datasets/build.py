@@ -207,13 +207,7 @@ def _token_report(task: Task, rows: list[dict], home: Path) -> dict[str, Any] | 
 
 def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | None = None,
                   on_step: Callable[[Step], None] | None = None) -> BuildResult:
-    steps: list[Step] = []
-
-    def step(name: str, kept: int, removed: int = 0, note: str = "") -> None:
-        steps.append(Step(name, kept, removed, note))
-        if on_step:
-            on_step(steps[-1])
-
+    steps = step = Steps(on_step)
     if task.split.test == "reviewed" and test_from is not None:
         raise ProtegeError(f"task {task.name}: split.test is reviewed (the reviewed traces are the test split); "
                            "drop --test-from, or set split.test to sample")
@@ -296,24 +290,10 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
         step("exact duplicates", len(kept), len(pool) - len(kept),
              f"{conflicts} of them with a different output" if conflicts else "")
         pool = kept
-    if task.dedupe.near_threshold is not None and pool:
-        first = dedupe.near_duplicate_groups([ex["input"] for ex in pool], task.dedupe.near_threshold)
-        kept = [ex for ex, f in zip(pool, first) if f == -1]
-        step("near duplicates", len(kept), len(pool) - len(kept),
-             f"MinHash/LSH, Jaccard >= {task.dedupe.near_threshold} on character 5-grams")
-        pool = kept
+    pool = drop_near_duplicates(pool, task, step)
 
     # 4. PII
-    counts: Counter = Counter()
-    kinds = list(task.pii.redact)
-    for ex in pool + (test_rows or []):
-        ex["input"] = pii.redact(ex["input"], kinds, counts)
-        ex["output"] = pii.redact(ex["output"], kinds, counts)
-        if labels is None:
-            ex["reference"] = pii.redact(ex["reference"], kinds, counts)
-        ex["messages"] = [{**m, "content": pii.redact(_text(m.get("content")), kinds, counts)}
-                          if isinstance(m, dict) else m for m in ex["messages"]]
-    pii_counts = {k: counts.get(k, 0) for k in kinds}
+    pii_counts = redact_rows(pool + (test_rows or []), task)
     step("PII redaction", len(pool) + len(test_rows or []),
          note=", ".join(f"{k} {v}" for k, v in pii_counts.items()) or "off")
 
@@ -336,9 +316,60 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
                            "or pass --test-from FILE")
 
     # 6. leakage: no test row may have a near-duplicate in train or validation
+    leakage = remove_leaks(splits, task)
+    step("leakage check", sum(len(v) for v in splits.values()),
+         leakage["removed_from_train"] + leakage["removed_from_validation"],
+         "train/validation rows near-duplicating a test row were removed; 0 remain")
+
+    # 7. freeze
+    return freeze_splits(store, task, home, splits, steps=steps, pii_counts=pii_counts, leakage=leakage,
+                         test_from=test_from)
+
+
+class Steps(list):
+    """A build's steps, each reported (`on_step`) as it is taken: `steps(name, kept, removed, note)`."""
+
+    def __init__(self, on_step: Callable[[Step], None] | None = None):
+        super().__init__()
+        self.on_step = on_step
+
+    def __call__(self, name: str, kept: int, removed: int = 0, note: str = "") -> None:
+        self.append(Step(name, kept, removed, note))
+        if self.on_step:
+            self.on_step(self[-1])
+
+
+def drop_near_duplicates(rows: list[dict], task: Task, step: Steps) -> list[dict]:
+    """The rows less those near-duplicating an earlier one (when the task asks for it)."""
+    if task.dedupe.near_threshold is None or not rows:
+        return rows
+    first = dedupe.near_duplicate_groups([ex["input"] for ex in rows], task.dedupe.near_threshold)
+    kept = [ex for ex, f in zip(rows, first) if f == -1]
+    step("near duplicates", len(kept), len(rows) - len(kept),
+         f"MinHash/LSH, Jaccard >= {task.dedupe.near_threshold} on character 5-grams")
+    return kept
+
+
+def redact_rows(rows: list[dict], task: Task) -> dict[str, int]:
+    """Redact the task's PII kinds in place, in inputs, outputs, messages (and references of
+    tasks whose references are text); returns the count of each kind."""
+    counts: Counter = Counter()
+    kinds = list(task.pii.redact)
+    for ex in rows:
+        ex["input"] = pii.redact(ex["input"], kinds, counts)
+        ex["output"] = pii.redact(ex["output"] or "", kinds, counts)
+        if task.kind != "classification":
+            ex["reference"] = pii.redact(ex["reference"], kinds, counts)
+        ex["messages"] = [{**m, "content": pii.redact(_text(m.get("content")), kinds, counts)}
+                          if isinstance(m, dict) else m for m in ex["messages"]]
+    return {k: counts.get(k, 0) for k in kinds}
+
+
+def remove_leaks(splits: dict[str, list[dict]], task: Task) -> dict[str, int]:
+    """Remove, in place, the train and validation rows whose input is (near-)identical to a
+    test row's; returns how many left each split."""
     leakage = {"removed_from_train": 0, "removed_from_validation": 0, "remaining": 0}
-    threshold = task.dedupe.near_threshold or 0.9
-    index = dedupe.NearIndex(threshold)
+    index = dedupe.NearIndex(task.dedupe.near_threshold or 0.9)
     test_keys = {dedupe.canonical(ex["input"]) for ex in splits["test"]}
     for i, mh in enumerate(dedupe.minhashes([ex["input"] for ex in splits["test"]])):
         index.add(i, mh)
@@ -349,13 +380,7 @@ def build_dataset(store: Store, task: Task, home: Path, test_from: str | Path | 
                 if dedupe.canonical(ex["input"]) not in test_keys and not index.query(mh)]
         leakage[f"removed_from_{name}"] = len(rows) - len(keep)
         splits[name] = keep
-    step("leakage check", sum(len(v) for v in splits.values()),
-         leakage["removed_from_train"] + leakage["removed_from_validation"],
-         "train/validation rows near-duplicating a test row were removed; 0 remain")
-
-    # 7. freeze
-    return freeze_splits(store, task, home, splits, steps=steps, pii_counts=pii_counts, leakage=leakage,
-                         test_from=test_from)
+    return leakage
 
 
 def freeze_splits(store: Store, task: Task, home: Path, splits: dict[str, list[dict]], *, steps: list[Step],

@@ -32,8 +32,18 @@ from ..errors import ProtegeError
 from ..tasks.metrics import LabelMap, normalize_text
 from ..tasks.spec import Task
 from ..traces.store import Store
-from . import dedupe, pii
-from .build import FLYWHEEL_SOURCES, BuildResult, Step, example_from_trace, freeze_splits
+from . import dedupe
+from .build import (
+    FLYWHEEL_SOURCES,
+    BuildResult,
+    Step,
+    Steps,
+    drop_near_duplicates,
+    example_from_trace,
+    freeze_splits,
+    redact_rows,
+    remove_leaks,
+)
 from .registry import SPLITS, Dataset
 
 ORIGINS = ("feedback", "fallback", "shadow")
@@ -99,13 +109,7 @@ def _share(key: str) -> float:
 def next_dataset(store: Store, task: Task, home: Path, root: Dataset | None,
                  on_step: Callable[[Step], None] | None = None) -> NextDataset:
     """The root (or nothing, on a cold start) plus every row the served traffic teaches."""
-    steps: list[Step] = []
-
-    def step(name: str, kept: int, removed: int = 0, note: str = "") -> None:
-        steps.append(Step(name, kept, removed, note))
-        if on_step:
-            on_step(steps[-1])
-
+    steps = step = Steps(on_step)
     base = {s: root.split(s) if root else [] for s in SPLITS}
     rows, passed = learned_rows(store, task)
     step("served traces", len(rows), sum(passed.values()),
@@ -120,22 +124,9 @@ def next_dataset(store: Store, task: Task, home: Path, root: Dataset | None,
         known.add(key)
         fresh.append(ex)
     step("already known inputs", len(fresh), repeated, "an input the root or an earlier answer already has")
-    if task.dedupe.near_threshold is not None and fresh:
-        first = dedupe.near_duplicate_groups([ex["input"] for ex in fresh], task.dedupe.near_threshold)
-        kept = [ex for ex, f in zip(fresh, first) if f == -1]
-        step("near duplicates", len(kept), len(fresh) - len(kept),
-             f"MinHash/LSH, Jaccard >= {task.dedupe.near_threshold}")
-        fresh = kept
-    counts: Counter = Counter()
-    kinds = list(task.pii.redact)
-    for ex in fresh:
-        ex["input"] = pii.redact(ex["input"], kinds, counts)
-        ex["output"] = pii.redact(ex["output"], kinds, counts)
-        if task.kind != "classification":
-            ex["reference"] = pii.redact(ex["reference"], kinds, counts)
-        ex["messages"] = [{**m, "content": pii.redact(m["content"], kinds, counts)}
-                          if isinstance(m, dict) and isinstance(m.get("content"), str) else m for m in ex["messages"]]
-    step("PII redaction", len(fresh), note=", ".join(f"{k} {counts.get(k, 0)}" for k in kinds) or "off")
+    fresh = drop_near_duplicates(fresh, task, step)
+    counts = redact_rows(fresh, task)
+    step("PII redaction", len(fresh), note=", ".join(f"{k} {v}" for k, v in counts.items()) or "off")
     splits = {s: list(base[s]) for s in SPLITS}
     cfg = task.split
     for ex in fresh:
@@ -155,18 +146,10 @@ def next_dataset(store: Store, task: Task, home: Path, root: Dataset | None,
     if not splits["test"]:
         raise ProtegeError(f"task {task.name}: the served traffic gave {len(fresh):,} usable rows, none of them for "
                            "the test split yet; wait for more frontier answers (or reviews) and run again")
-    index = dedupe.NearIndex(task.dedupe.near_threshold or 0.9)
-    test_keys = {dedupe.canonical(ex["input"]) for ex in splits["test"]}
-    for i, mh in enumerate(dedupe.minhashes([ex["input"] for ex in splits["test"]])):
-        index.add(i, mh)
-    leakage = {"removed_from_train": 0, "removed_from_validation": 0, "remaining": 0}
+    new = {**{s: splits[s][len(base[s]):] for s in SPLITS}, "test": splits["test"]}  # the root's rows are clean
+    leakage = remove_leaks(new, task)
     for name in ("train", "validation"):
-        new = splits[name][len(base[name]):]
-        hashes = dedupe.minhashes([ex["input"] for ex in new]) if new else []
-        keep = [ex for ex, mh in zip(new, hashes) if dedupe.canonical(ex["input"]) not in test_keys
-                and not index.query(mh)]
-        leakage[f"removed_from_{name}"] = len(new) - len(keep)
-        splits[name] = splits[name][:len(base[name])] + keep
+        splits[name] = base[name] + new[name]
     step("leakage check", sum(len(v) for v in splits.values()),
          leakage["removed_from_train"] + leakage["removed_from_validation"],
          "new train/validation rows near-duplicating a test row were removed")
@@ -175,7 +158,7 @@ def next_dataset(store: Store, task: Task, home: Path, root: Dataset | None,
                           "passed_over": dict(passed), "added": {s: len(splits[s]) - len(base[s]) for s in SPLITS}}}
     m = root.manifest if root else {}
     result = freeze_splits(store, task, home, splits, steps=[*(Step(**s) for s in m.get("steps", [])), *steps],
-                           pii_counts={k: (m.get("pii") or {}).get(k, 0) + counts.get(k, 0) for k in kinds},
+                           pii_counts={k: (m.get("pii") or {}).get(k, 0) + v for k, v in counts.items()},
                            leakage=leakage, test_from=m.get("test_from"), extra=extra)
     return NextDataset(result, root.id if root else None, dict(learned), dict(passed))
 

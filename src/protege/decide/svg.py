@@ -210,6 +210,32 @@ def cost_vs_volume(series: list[dict], break_even: float | None, monthly: float 
     return "".join(out) + "</svg>"
 
 
+STANDALONE_STYLE = ("<style>text{font-family:system-ui,sans-serif;font-size:11px;fill:#333}.t{font-size:13px;"
+                    "font-weight:600}.lbl{font-size:11px}.frame{fill:none;stroke:#999}.grid{stroke:#eee}</style>")
+
+
+def lines(title: str, series: list[dict], xlabel: str, ylabel: str, *, ypct: bool = False,
+          ylim: tuple[float, float] | None = None, standalone: bool = False) -> str:
+    """A line chart. series: {label, color, points: [(x, y)], dash (optional)}; the labels
+    form a legend. `standalone`: a file of its own (the styles inline, a white background)."""
+    pts = [p for s in series for p in s["points"]]
+    if not pts:
+        return _empty(title, "no points")
+    x = Axis(*_range([p[0] for p in pts], pad=0.0), False, (L, W - R))
+    y = Axis(*(ylim or _range([p[1] for p in pts])), False, (H - B, T))
+    out = _frame(title, x, y, xlabel, ylabel, ypct=ypct)
+    if standalone:
+        out.insert(1, STANDALONE_STYLE + f'<rect width="{W}" height="{H}" fill="#fff"/>')
+    for i, s in enumerate(series):
+        line = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in s["points"])
+        dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
+        out.append(f'<polyline points="{line}" fill="none" stroke="{s["color"]}" stroke-width="2"{dash}/>'
+                   f'<line x1="{L + 10}" y1="{T + 14 + 14 * i}" x2="{L + 30}" y2="{T + 14 + 14 * i}" '
+                   f'stroke="{s["color"]}" stroke-width="2"{dash}/><text x="{L + 36}" y="{T + 18 + 14 * i}" '
+                   f'class="lbl">{escape(s["label"])}</text>')
+    return "".join(out) + "</svg>"
+
+
 def _empty(title: str, why: str) -> str:
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} 80" role="img" aria-label="{escape(title)}" '
             f'class="chart"><title>{escape(title)}</title><text x="{W / 2}" y="18" text-anchor="middle" class="t">'

@@ -206,7 +206,7 @@ def _train_gate_promote(store, task, home, ds, d, serving, plan: Plan, turn: Tur
         turn.reasons.append(f"threshold {threshold:.4f}: the lowest whose cascade reaches {plan.target:g} on "
                             f"{ds.id}'s validation split")
     turn.threshold = threshold
-    ref = reference or _reference(store, task, ds, root, metric)
+    ref = None if reference == "none" else reference or _reference(store, task, ds, root, metric)
     result = gate(store, task, ds, home, turn.run_id, margin=margin, tolerance=tolerance, prices=prices,
                   threshold=threshold if plan.fallback else None, bar=bar, reference=ref)
     turn.gate = result.evidence()

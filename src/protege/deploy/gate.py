@@ -14,10 +14,11 @@ leaves out of its evidence). The checks:
   (`--bar`, recorded as stated). Without either the bar is unknown, and an unknown figure
   never passes.
 
-With a threshold (`--threshold`, the cascade), both checks score what the client gets: the
-run's answer where its confidence reaches the threshold, the reference's recorded answer on
-that row where it does not (the reference stands in for the fallback), for the serving run
-at its own threshold likewise.
+With a threshold (`--threshold`, the cascade), the bar is checked on what the client gets:
+the run's answer where its confidence reaches the threshold, the reference's answer on that
+row where it does not (the reference stands in for the fallback). The serving run is
+compared model to model, each answering every row: a cascade that sends more to the
+frontier agrees with it more, which says nothing about which model is better.
 
 `--force` deploys anyway, and the deployment records that it was forced and what failed.
 """
@@ -137,13 +138,15 @@ def gate(store: Store, task: Task, ds: Dataset, home: Path, run_id: str, *, marg
     if threshold is not None and ref is not None:
         fallback = _reference_answers(store, task, ds, by.get(ref["reference"]), ref["bench_run"])
     scorer = _Scorer(task, ds, metric, fallback)
+    alone, _ = scorer.answers(by[spec], None)
     cand_out, kept = scorer.answers(by[spec], threshold)
     cand = scorer.score(cand_out)
     what = spec
     result = GateResult(run_id=run["id"], dataset=ds.id, rows=report.rows, metric=metric, candidate=cand,
                         serving=None, bar=None, margin=margin)
     if kept is not None:
-        result.cascade = {"threshold": threshold, "answered_by_run": kept, "fallback_stand_in": ref["reference"]}
+        result.cascade = {"threshold": threshold, "answered_by_run": kept, "fallback_stand_in": ref["reference"],
+                          "run_alone": scorer.score(alone)}
         what = (f"the cascade ({spec} at threshold {threshold:g}, answering {kept:.0%} of the rows; "
                 f"{ref['reference']}'s answers on the rest)")
     elif threshold is not None:
@@ -156,16 +159,16 @@ def gate(store: Store, task: Task, ds: Dataset, home: Path, run_id: str, *, marg
         result.checks.append(Check("not worse than the serving run", True,
                                    f"{spec} is the serving run itself (a new threshold or fallback)"))
     else:
-        old_out, _ = scorer.answers(by[specs[-2]], serving["threshold"] if kept is not None else None)
-        old, p = scorer.score(old_out), scorer.paired(cand_out, old_out)
+        old_out, _ = scorer.answers(by[specs[-2]], None)
+        new, old, p = scorer.score(alone), scorer.score(old_out), scorer.paired(alone, old_out)
         lo, hi = p["ci95"]
         result.serving = {"deployment": serving["id"], "run_id": serving["run_id"], "value": old["value"],
                           "ci95": old["ci95"], "difference": p["difference"], "difference_ci95": [lo, hi]}
         ok = lo >= -margin
         result.checks.append(Check(
             "not worse than the serving run", ok,
-            f"{what} scores {metric} {pct(cand['value'])} against {pct(old['value'])} for the serving "
-            f"run:{serving['run_id']}{' (its cascade)' if kept is not None else ''} on the same {report.rows:,} rows: "
+            f"{spec} scores {metric} {pct(new['value'])} against {pct(old['value'])} for the serving "
+            f"run:{serving['run_id']}, each answering all {report.rows:,} rows: "
             f"{100 * p['difference']:+.1f} points (paired 95% CI {100 * lo:+.1f} to {100 * hi:+.1f}); the gate "
             f"allows no lower bound under {-100 * margin:.1f}" + ("" if ok else ": it may be worse")))
     if bar is not None:
