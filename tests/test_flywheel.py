@@ -8,7 +8,7 @@ import json
 
 from helpers import EXAMPLES, LABELS, make_banking, run, take
 
-from protege.datasets.registry import get_dataset
+from protege.datasets.registry import get_dataset, list_datasets
 from protege.deploy.flywheel import retrain, turn_lock
 from protege.deploy.registry import current
 from protege.traces.record import TraceRecord
@@ -85,10 +85,12 @@ def test_retrain_learns_only_what_the_frontier_and_reviewers_taught_and_is_idemp
     code, out, err = run(capsys, *db, "traces", "feedback", "--file", str(corrections))
     assert code == 0 and "feedback recorded on 3 traces" in out, err
 
-    # too few new rows for --min-new: it waits, counting what it saw
+    # too few new rows for --min-new: it waits, counting what it saw, and freezes nothing
+    versions = len(list_datasets(store, task.name))
     code, out, err = run(capsys, *db, "retrain", str(task.path), "--min-new", "500")
     assert code == 0, err
     assert "waiting" in out and "fewer than --min-new 500" in said(out)
+    assert len(list_datasets(store, task.name)) == versions
     assert "fallback 24" in said(out) and "feedback 3" in said(out) and "shadow 3" in said(out)
 
     # `dataset build` leaves protege serve's traces to the flywheel: the specialist's answers never train
@@ -137,7 +139,11 @@ def test_retrain_without_a_deployment_names_what_to_train(sqlite_store, tmp_path
     task, _ = make_banking(sqlite_store, tmp_path, home)
     code, _, err = run(capsys, "--db", sqlite_store.url, "retrain", str(task.path))
     assert code == 1 and "the first `protege retrain` names what to train (--base and --method" in said(err)
-    assert set(LABELS)  # the slice's labels are the task's
+    code, _, err = run(capsys, "--db", sqlite_store.url, "retrain", str(task.path), "--base", "minilm", "--method",
+                       "classifier", "--target", "0.9")
+    assert code == 1 and "--target and --threshold set the cascade's threshold: they need a fallback" in said(err)
+    code, _, err = run(capsys, "--db", sqlite_store.url, "retrain", str(task.path), "--config", "nope.yaml")
+    assert code == 1 and "--config/--set need --method" in said(err)
 
 
 def test_cold_start_frontier_answers_until_the_flywheel_deploys_its_student(sqlite_store, tmp_path, home, capsys):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -52,12 +52,35 @@ ORIGINS = ("feedback", "fallback", "shadow")
 
 @dataclass
 class NextDataset:
-    result: BuildResult
-    root: str | None
+    """The next version's rows, not yet frozen (`freeze` writes it)."""
+
+    splits: dict[str, list[dict]]
+    steps: list[Step]
+    root: Dataset | None
     learned: dict[str, int]
     """Rows the served traffic added, by origin."""
-    passed_over: dict[str, int] = field(default_factory=dict)
+    passed_over: dict[str, int]
     """Served traces that taught nothing, by reason."""
+    pii: dict[str, int]
+    leakage: dict[str, int]
+
+    def new_rows(self, seen: set[str]) -> int:
+        """Rows whose id is not in `seen` (the ids of the dataset a run was trained on)."""
+        return sum(1 for s in SPLITS for r in self.splits[s] if r["id"] not in seen)
+
+    def freeze(self, store: Store, task: Task, home: Path) -> BuildResult:
+        if not self.splits["test"]:
+            raise ProtegeError(f"task {task.name}: none of the {sum(self.learned.values()):,} rows the served traffic "
+                               "taught falls in the test split yet; wait for more frontier answers (or reviews)")
+        m = self.root.manifest if self.root else {}
+        extra = {"flywheel": {"root": self.root.id if self.root else None, "learned": self.learned,
+                              "passed_over": self.passed_over,
+                              "added": {s: len(self.splits[s]) - (self.root.split_sizes.get(s, 0) if self.root else 0)
+                                        for s in SPLITS}}}
+        return freeze_splits(store, task, home, self.splits,
+                             steps=[*(Step(**x) for x in m.get("steps", [])), *self.steps],
+                             pii_counts={k: (m.get("pii") or {}).get(k, 0) + v for k, v in self.pii.items()},
+                             leakage=self.leakage, test_from=m.get("test_from"), extra=extra)
 
 
 def learned_rows(store: Store, task: Task) -> tuple[list[dict], Counter]:
@@ -106,9 +129,10 @@ def _share(key: str) -> float:
     return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / float(16 ** 12)
 
 
-def next_dataset(store: Store, task: Task, home: Path, root: Dataset | None,
+def next_dataset(store: Store, task: Task, root: Dataset | None,
                  on_step: Callable[[Step], None] | None = None) -> NextDataset:
-    """The root (or nothing, on a cold start) plus every row the served traffic teaches."""
+    """The root (or nothing, on a cold start) plus every row the served traffic teaches, not
+    yet frozen: `.freeze(store, task, home)` writes the version."""
     steps = step = Steps(on_step)
     base = {s: root.split(s) if root else [] for s in SPLITS}
     rows, passed = learned_rows(store, task)
@@ -143,9 +167,6 @@ def next_dataset(store: Store, task: Task, home: Path, root: Dataset | None,
     step("split", sum(len(v) for v in splits.values()),
          note=("stable hash of the input; " if fresh else "") + ", ".join(f"{s} +{n:,}" for s, n in added.items())
          + (f" (the test split of {root.id} kept as it is)" if root else ""))
-    if not splits["test"]:
-        raise ProtegeError(f"task {task.name}: the served traffic gave {len(fresh):,} usable rows, none of them for "
-                           "the test split yet; wait for more frontier answers (or reviews) and run again")
     new = {**{s: splits[s][len(base[s]):] for s in SPLITS}, "test": splits["test"]}  # the root's rows are clean
     leakage = remove_leaks(new, task)
     for name in ("train", "validation"):
@@ -154,13 +175,7 @@ def next_dataset(store: Store, task: Task, home: Path, root: Dataset | None,
          leakage["removed_from_train"] + leakage["removed_from_validation"],
          "new train/validation rows near-duplicating a test row were removed")
     learned = Counter(ex["origin"] for s in SPLITS for ex in splits[s][len(base[s]):])
-    extra = {"flywheel": {"root": root.id if root else None, "learned": dict(learned),
-                          "passed_over": dict(passed), "added": {s: len(splits[s]) - len(base[s]) for s in SPLITS}}}
-    m = root.manifest if root else {}
-    result = freeze_splits(store, task, home, splits, steps=[*(Step(**s) for s in m.get("steps", [])), *steps],
-                           pii_counts={k: (m.get("pii") or {}).get(k, 0) + v for k, v in counts.items()},
-                           leakage=leakage, test_from=m.get("test_from"), extra=extra)
-    return NextDataset(result, root.id if root else None, dict(learned), dict(passed))
+    return NextDataset(splits, list(steps), root, dict(learned), dict(passed), counts, leakage)
 
 
 def root_of(store: Store, dataset: Dataset) -> Dataset | None:

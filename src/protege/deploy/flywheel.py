@@ -103,6 +103,9 @@ def retrain(store: Store, task: Task, home: Path, *, min_new: int = 1, base: str
         d = current(store, task.name)
         serving = get_run(store, d["run_id"]) if d else None
         plan = _plan(store, d, serving, base, method, recipe, fallback, threshold, target)
+        if (plan.target is not None or threshold is not None) and not plan.fallback:
+            raise ProtegeError("--target and --threshold set the cascade's threshold: they need a fallback "
+                               "(--fallback openai:MODEL@URL, or a deployment that has one)")
         if serving is not None:
             root = root_of(store, get_dataset(store, serving["dataset_id"]))
         else:
@@ -110,20 +113,23 @@ def retrain(store: Store, task: Task, home: Path, *, min_new: int = 1, base: str
             root = made[0] if made else None  # newest first: what `protege dataset build` made last
         show = None if console is None else (lambda s: console.print(
             f"  {s.name:<26} {s.kept:>9,}{f'  -{s.removed:,}' if s.removed else ''}  [dim]{s.note}[/]", highlight=False))
-        nd = next_dataset(store, task, home, root, on_step=show)
-        ds = get_dataset(store, nd.result.id)
-        new = _new_rows(store, ds, serving)
-        turn = Turn("", [], dataset=ds.id, new_rows=new, learned=nd.learned)
-        if serving is not None and (ds.id == serving["dataset_id"] or new == 0):
-            turn.action = "nothing new"
+        nd = next_dataset(store, task, root, on_step=show)
+        seen = set() if serving is None else {
+            r["id"] for s in SPLITS for r in get_dataset(store, serving["dataset_id"]).split(s)}
+        new = nd.new_rows(seen)
+        turn = Turn("", [], new_rows=new, learned=nd.learned)
+        if serving is not None and new == 0:
+            turn.action, turn.dataset = "nothing new", serving["dataset_id"]
             turn.reasons.append(f"no new rows since {serving['dataset_id']}, the dataset serving run:{serving['id']} "
                                 f"was trained on ({_taught(nd)})")
             return turn
         if new < min_new:
             turn.action = "waiting"
-            turn.reasons.append(f"{new:,} new rows in {ds.id} ({_taught(nd)}), fewer than --min-new {min_new:,}; "
-                                "nothing trained")
+            turn.reasons.append(f"{new:,} new rows ({_taught(nd)}), fewer than --min-new {min_new:,}; nothing "
+                                "frozen, nothing trained")
             return turn
+        ds = get_dataset(store, nd.freeze(store, task, home).id)
+        turn.dataset = ds.id
         return _train_gate_promote(store, task, home, ds, d, serving, plan, turn, reference=reference, margin=margin,
                                    tolerance=tolerance, bar=bar, time_budget_min=time_budget_min, prices=prices,
                                    console=console, by=by, root=root)
@@ -145,14 +151,6 @@ def _plan(store, d, serving, base, method, recipe, fallback, threshold, target) 
     return Plan(base or cfg["base"], method, recipe, fallback or d["fallback"],
                 d["threshold"] if threshold is None else threshold,
                 options.get("target") if target is None else target, options)
-
-
-def _new_rows(store: Store, ds: Dataset, serving: RunRecord | None) -> int:
-    """Rows of `ds` the serving run never saw (all of them on a cold start)."""
-    if serving is None:
-        return sum(ds.split_sizes.values())
-    seen = {r["id"] for s in SPLITS for r in get_dataset(store, serving["dataset_id"]).split(s)}
-    return sum(1 for s in SPLITS for r in ds.split(s) if r["id"] not in seen)
 
 
 def _taught(nd) -> str:
