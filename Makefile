@@ -34,7 +34,7 @@ demo-full: $(STAMP)
 
 # style and import order (pyproject's [tool.ruff]); `make test` runs it first
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples docs
 
 test: $(STAMP) $(CHROMIUM) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -81,6 +81,19 @@ def take(path: Path, per_label: int) -> list[dict]:
     return out
 
 
+def six_intent_task(path: Path, references: str, split: str | None = None, name: str = "bank6",
+                    comment: str = "") -> Path:
+    """Write the task file of a six-intent slice of BANKING77 (LABELS) and return its path."""
+    path.write_text(comment + f"""name: {name}
+kind: classification
+labels: [{", ".join(LABELS)}]
+prompt:
+  system: Classify the bank customer's message into one support intent.
+references: {references}
+""" + (f"split: {split}\n" if split else "") + "tokenizer: none\n")
+    return path
+
+
 def make_banking(store, tmp_path, home):
     """A six-intent slice of BANKING77, imported and built into a dataset like a user would."""
     train = tmp_path / "train.jsonl"
@@ -88,16 +101,7 @@ def make_banking(store, tmp_path, home):
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps(r) + "\n" for r in take(EXAMPLES / "gpt4_calls.jsonl.gz", 4)))
     import_file(store, train, ImportOptions(task="bank6"))
-    task_path = tmp_path / "task.yaml"
-    task_path.write_text(f"""# protege bench task.yaml -c replay
-name: bank6
-kind: classification
-labels: [{", ".join(LABELS)}]
-prompt:
-  system: Classify the bank customer's message into one support intent.
-references: test_file
-tokenizer: none
-""")
+    task_path = six_intent_task(tmp_path / "task.yaml", "test_file", comment="# protege bench task.yaml -c replay\n")
     task = load_task(task_path)
     result = build_dataset(store, task, home, test_from=test)
     return task, get_dataset(store, result.id)

@@ -18,7 +18,7 @@ RANKS = {
     "bench": 5,
     "train": 6,
     "decide": 7, "serve": 7, "deploy": 7,
-    "cli": 8, "testing": 8, "__init__": 8, "__main__": 8,
+    "ui": 8, "cli": 8, "testing": 8, "__init__": 8, "__main__": 8,
 }
 MODULES = sorted(p for p in SRC.rglob("*.py") if "migrations" not in p.parts)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import EXAMPLES, LABELS, make_banking, run, take
+from helpers import EXAMPLES, make_banking, run, six_intent_task, take
 
 from protege.datasets.registry import get_dataset, list_datasets
 from protege.deploy.flywheel import retrain, turn_lock
@@ -159,16 +159,8 @@ def test_cold_start_frontier_answers_until_the_flywheel_deploys_its_student(sqli
     from protege.testing import ScriptedUpstream
     from protege.train.recipe import load_recipe
 
-    task_path = tmp_path / "cold.yaml"
-    task_path.write_text(f"""name: cold6
-kind: classification
-labels: [{", ".join(LABELS)}]
-prompt:
-  system: Classify the bank customer's message into one support intent.
-references: frontier
-split: {{method: random, test_fraction: 0.2, validation_fraction: 0.15}}
-tokenizer: none
-""")
+    task_path = six_intent_task(tmp_path / "cold.yaml", "frontier",
+                                "{method: random, test_fraction: 0.2, validation_fraction: 0.15}", name="cold6")
     task = load_task(task_path)
     truth = dict(fresh_tickets(0, 30))
     frontier = ScriptedUpstream(model="gpt-4", reply=lambda req: truth[req["messages"][-1]["content"]]).start()

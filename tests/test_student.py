@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLES, LABELS, run, run_id_in, take
+from helpers import EXAMPLES, LABELS, run, run_id_in, six_intent_task, take
 
 from protege.bench.run import run_bench
 from protege.datasets.build import build_dataset
@@ -40,17 +40,7 @@ def noisy_teacher_dataset(store, tmp_path, home):
                                                     take(EXAMPLES / "tickets.jsonl.gz", 10)))
     for name in ("calls", "tickets"):
         import_file(store, tmp_path / f"{name}.jsonl", ImportOptions(task="bank6"))
-    task_path = tmp_path / "task.yaml"
-    task_path.write_text(f"""name: bank6
-kind: classification
-labels: [{", ".join(LABELS)}]
-prompt:
-  system: Classify the bank customer's message into one support intent.
-references: feedback
-split:
-  test: reviewed
-tokenizer: none
-""")
+    task_path = six_intent_task(tmp_path / "task.yaml", "feedback", "{test: reviewed}")
     task = load_task(task_path)
     built = build_dataset(store, task, home)
     return task, get_dataset(store, built.id), {c["messages"][1]["content"]: c["messages"][-1]["content"]

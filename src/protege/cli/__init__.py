@@ -24,6 +24,7 @@ from .flywheel import rebase_cmd, retrain_cmd
 from .serve import route_app, serve_cmd
 from .traces import traces_app
 from .train import curve_cmd, runs_app, train_cmd
+from .ui import ui_cmd
 
 app = typer.Typer(help="protege: turn frontier-model traces into a small specialist, and decide whether to train.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -39,6 +40,7 @@ app.command("rollback")(rollback_cmd)
 app.command("monitor")(monitor_cmd)
 app.command("retrain")(retrain_cmd)
 app.command("rebase")(rebase_cmd)
+app.command("ui")(ui_cmd)
 app.add_typer(deployments_app, name="deployments")
 app.add_typer(route_app, name="route")
 app.add_typer(runs_app, name="runs")

@@ -229,6 +229,8 @@ def lines(title: str, series: list[dict], xlabel: str, ylabel: str, *, ypct: boo
     for i, s in enumerate(series):
         line = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in s["points"])
         dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
+        if len(s["points"]) <= 40:  # few points: each one marked (a single one draws no line)
+            out.extend(f'<circle cx="{x(a):.1f}" cy="{y(b):.1f}" r="2.5" fill="{s["color"]}"/>' for a, b in s["points"])
         out.append(f'<polyline points="{line}" fill="none" stroke="{s["color"]}" stroke-width="2"{dash}/>'
                    f'<line x1="{L + 10}" y1="{T + 14 + 14 * i}" x2="{L + 30}" y2="{T + 14 + 14 * i}" '
                    f'stroke="{s["color"]}" stroke-width="2"{dash}/><text x="{L + 36}" y="{T + 18 + 14 * i}" '

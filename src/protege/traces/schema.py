@@ -34,8 +34,8 @@ traces = sa.Table(
     sa.Column("metadata", JSONType, nullable=False),
     sa.Column("feedback", JSONType),
     sa.Column("content_hash", sa.String(64), unique=True),
-    sa.Index("ix_traces_task_created", "task", "created_at"),
-    sa.Index("ix_traces_created", "created_at"),
+    sa.Index("ix_traces_task_created_id", "task", "created_at", "id"),
+    sa.Index("ix_traces_created_id", "created_at", "id"),
 )
 
 datasets = sa.Table(

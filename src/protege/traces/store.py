@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -16,11 +17,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ..config import normalize_db_url, redact_url
-from ..errors import NotFoundError, StoreError
+from ..errors import NotFoundError, ProtegeError, StoreError
 from . import schema
 from .record import TraceRecord
 
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 ID_CHARS = frozenset("0123456789abcdef-")
 """What trace and run ids are made of (lowercase UUIDs, ids.uuid7)."""
 _migrate_lock = threading.Lock()
@@ -196,6 +197,88 @@ class Store:
             raise NotFoundError(f"no trace with id {trace_id!r}; `protege traces list` shows ids")
         return dict(row._mapping)
 
+    def _listed(self, stmt, since: datetime | None = None, until: datetime | None = None, search: str | None = None,
+                **filters):
+        """`_filtered`, plus a time range and a case-insensitive search of the request's text."""
+        t = schema.traces.c
+        stmt = self._filtered(stmt, **filters)
+        if since is not None:
+            stmt = stmt.where(t.created_at >= since)
+        if until is not None:
+            stmt = stmt.where(t.created_at < until)
+        if search:
+            pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            stmt = stmt.where(sa.cast(t.request, sa.Text).ilike(pattern, escape="\\"))
+        return stmt
+
+    def page_traces(self, *, limit: int = 50, cursor: str | None = None, **filters) -> tuple[list[dict], str | None]:
+        """One page of traces, newest first, and the cursor of the next page (None on the last).
+
+        Keyset pagination on (created_at, id), read off the index of the same columns (with the
+        task in front when one is given), so page 1,000 costs what page 1 does. Filters: those of
+        `count`, `since`/`until` (datetimes) and `search` (the request's text). The response
+        payload is not read."""
+        t = schema.traces.c
+        cols = [t.id, t.created_at, t.source, t.task, t.model, t.status, t.latency_ms, t.cost_usd, t.prompt_tokens,
+                t.completion_tokens, t.output_text, t.request, t.feedback, t.metadata]
+        stmt = self._listed(sa.select(*cols), **filters)
+        if cursor:
+            at, last = parse_cursor(cursor)
+            stmt = stmt.where(sa.or_(t.created_at < at, sa.and_(t.created_at == at, t.id < last)))
+        stmt = stmt.order_by(t.created_at.desc(), t.id.desc()).limit(limit + 1)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (f"{rows[-1]['created_at'].isoformat()}|{rows[-1]['id']}" if more else None)
+
+    def count_upto(self, cap: int, **filters) -> int:
+        """How many traces match (the filters of `page_traces`), counting no further than `cap`:
+        on a large store an exact count is a scan."""
+        inner = self._listed(sa.select(schema.traces.c.id), **filters).limit(cap).subquery()
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(inner)).scalar_one()
+
+    def stats_by_task(self) -> dict[str | None, int]:
+        """Traces per task tag (None: untagged), counted off the task index."""
+        t = schema.traces.c
+        with self.engine.connect() as conn:
+            return dict(conn.execute(sa.select(t.task, sa.func.count()).group_by(t.task)).all())
+
+    def feedback_of(self, ids: list[str]) -> dict[str, dict | None]:
+        """The stored feedback of each of these traces (ids not stored are left out)."""
+        t = schema.traces.c
+        out: dict[str, dict | None] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), 900):
+                out.update((r.id, r.feedback) for r in conn.execute(sa.select(t.id, t.feedback).where(
+                    t.id.in_(ids[i:i + 900]))))
+        return out
+
+    def recent_values(self, column: str, newest: int = 10_000) -> list[str]:
+        """The distinct values of a column among the newest traces (filter suggestions that stay
+        cheap on a large store)."""
+        t = schema.traces.c
+        inner = sa.select(t[column].label("v")).order_by(t.created_at.desc(), t.id.desc()).limit(newest).subquery()
+        with self.engine.connect() as conn:
+            return sorted(v for v in conn.execute(sa.select(inner.c.v).distinct()).scalars() if v)
+
+    def daily(self, since: datetime, task: str | None = None) -> list[dict]:
+        """Per UTC day and model since `since`: traces, errors, token sums and recorded cost."""
+        t = schema.traces.c
+        if self.is_sqlite:
+            day = sa.func.substr(t.created_at, 1, 10)
+        else:
+            day = sa.func.to_char(sa.func.timezone("UTC", t.created_at), "YYYY-MM-DD")
+        stmt = self._filtered(sa.select(
+            day.label("day"), t.model, sa.func.count().label("traces"),
+            sa.func.sum(sa.case((t.status != "ok", 1), else_=0)).label("errors"),
+            sa.func.sum(t.prompt_tokens).label("prompt_tokens"), sa.func.sum(t.completion_tokens).label("completion_tokens"),
+            sa.func.sum(sa.case((t.prompt_tokens.is_(None), 1), (t.completion_tokens.is_(None), 1), else_=0)).label("no_usage"),
+            sa.func.sum(t.cost_usd).label("cost_usd")), task=task).where(t.created_at >= since).group_by(day, t.model)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt.order_by(day))]
+
     def stats(self, task: str | None = None) -> dict:
         """Counts, tokens, cost and latency, overall and per task/model/source/status."""
         t = schema.traces.c
@@ -249,6 +332,18 @@ def id_prefix(text: str, what: str, lister: str) -> str:
         raise NotFoundError(f"{text!r} is not a {what} id or id prefix: ids hold only hex digits and '-' "
                             f"(found {', '.join(map(repr, bad))}); `{lister}` shows them")
     return prefix
+
+
+def parse_cursor(cursor: str) -> tuple[datetime, str]:
+    """A page cursor ("CREATED_AT|ID", as `page_traces` returns it) as its two parts."""
+    at, _, last = cursor.partition("|")
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError:
+        when = None
+    if when is None or not last or set(last) - ID_CHARS:
+        raise ProtegeError(f"not a page cursor: {cursor!r} (it is CREATED_AT|ID, as the list's next link gives it)")
+    return when, last
 
 
 def is_connection_error(exc: BaseException) -> bool:
