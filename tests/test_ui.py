@@ -250,6 +250,19 @@ def test_keyset_pages_filters_and_search(store):
     rows, _ = store.page_traces(limit=500, search="100%_OFF")  # % and _ are literal, case folded
     assert len(rows) == len([i for i in range(230) if i % 7 == 0])
     assert store.page_traces(limit=5, search="100x_off")[0] == []
+    # a search that reads at most 50 traces a page: short pages, each match still found once
+    found, cursor, pages = [], None, 0
+    while True:
+        rows, cursor = store.page_traces(limit=20, cursor=cursor, search="refund", scan=50)
+        found += [r["id"] for r in rows]
+        pages += 1
+        if cursor is None:
+            break
+    want = [r.id for r in sorted(recs, key=lambda r: (r.created_at, r.id), reverse=True) if "refund" in
+            r.request["messages"][0]["content"]]
+    assert found == want and pages == 5  # 230 traces, 50 a page
+    rows, cursor = store.page_traces(limit=5, search="nowhere", scan=100)
+    assert rows == [] and cursor.split("|")[1] == sorted(recs, key=lambda r: (r.created_at, r.id), reverse=True)[99].id
     assert store.count_upto(50, task="b") == 50 and store.count_upto(500, task="b") == 115
     days = store.daily(t0 - timedelta(days=1))
     assert sum(d["traces"] for d in days) == 230 and {d["day"] for d in days} == {"2026-11-01"}
@@ -313,7 +326,7 @@ def test_protege_ui_command_serves_the_store(sqlite_store, tmp_path):
     assert proc.returncode == 0 and f"protege ui on http://127.0.0.1:{port}/" in err
 
 
-def test_pages_over_postgresql_and_sqlite(store, home):
+def test_pages_over_postgresql_and_sqlite(store, home, monkeypatch):
     """The same pages over either store (the PostgreSQL run needs PROTEGE_TEST_DATABASE_URL)."""
     now = datetime.now(timezone.utc)
     recs = [TraceRecord(request=chat(f"message {i} about my card"), output_text="card_arrival", task="t", model="gpt-4o",
@@ -331,3 +344,6 @@ def test_pages_over_postgresql_and_sqlite(store, home):
         r = c.get(f"/traces/{recs[0].id}")
         assert r.status_code == 200 and "message 0 about my card" in r.text
         assert c.get(f"/traces?since={(now - timedelta(hours=5)):%Y-%m-%dT%H:%M}&count=1").text.count("traces match") == 1
+        monkeypatch.setattr("protege.ui.pages.SEARCH_SCAN", 25)  # a search reads 25 traces a page
+        r = c.get("/traces?q=nowhere")
+        assert r.status_code == 200 and "0 found in the next 25 traces" in r.text and "search older traces" in r.text

@@ -211,23 +211,47 @@ class Store:
             stmt = stmt.where(sa.cast(t.request, sa.Text).ilike(pattern, escape="\\"))
         return stmt
 
-    def page_traces(self, *, limit: int = 50, cursor: str | None = None, **filters) -> tuple[list[dict], str | None]:
+    def page_traces(self, *, limit: int = 50, cursor: str | None = None, scan: int | None = None,
+                    **filters) -> tuple[list[dict], str | None]:
         """One page of traces, newest first, and the cursor of the next page (None on the last).
 
         Keyset pagination on (created_at, id), read off the index of the same columns (with the
         task in front when one is given), so page 1,000 costs what page 1 does. Filters: those of
         `count`, `since`/`until` (datetimes) and `search` (the request's text). The response
-        payload is not read."""
+        payload is not read.
+
+        `scan` (with a search): search only the next `scan` traces of the list (of the task and
+        time range; other filters narrow them further); when they hold fewer than `limit`
+        matches the page is short and its cursor is the last trace searched, so a search for a
+        rare word costs a bounded read per page instead of the whole store."""
         t = schema.traces.c
         cols = [t.id, t.created_at, t.source, t.task, t.model, t.status, t.latency_ms, t.cost_usd, t.prompt_tokens,
                 t.completion_tokens, t.output_text, t.request, t.feedback, t.metadata]
-        stmt = self._listed(sa.select(*cols), **filters)
+        after = None
         if cursor:
             at, last = parse_cursor(cursor)
-            stmt = stmt.where(sa.or_(t.created_at < at, sa.and_(t.created_at == at, t.id < last)))
-        stmt = stmt.order_by(t.created_at.desc(), t.id.desc()).limit(limit + 1)
+            # the plain range on created_at is what lets the database start the index walk there
+            after = sa.and_(t.created_at <= at, sa.or_(t.created_at < at, t.id < last))
+        order = (t.created_at.desc(), t.id.desc())
+        search = filters.pop("search", None)
+        edge = None
+        if search and scan:
+            # the last trace of the window, read off the index alone (task and time are its columns)
+            keys = {k: filters.get(k) for k in ("task", "since", "until")}
+            inner = self._listed(sa.select(t.created_at, t.id), **keys)
+            inner = inner.where(after) if after is not None else inner
+            with self.engine.connect() as conn:
+                edge = conn.execute(inner.order_by(*order).offset(scan - 1).limit(1)).first()
+        stmt = self._listed(sa.select(*cols), search=search, **filters)
+        if after is not None:
+            stmt = stmt.where(after)
+        if edge is not None:
+            stmt = stmt.where(t.created_at >= edge.created_at, sa.or_(t.created_at > edge.created_at, t.id >= edge.id))
+        stmt = stmt.order_by(*order).limit(limit + 1)
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        if edge is not None and len(rows) <= limit:  # the window held too few: the search goes on past it
+            return rows, f"{edge.created_at.isoformat()}|{edge.id}"
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, (f"{rows[-1]['created_at'].isoformat()}|{rows[-1]['id']}" if more else None)

@@ -16,12 +16,14 @@ from ..decide.evidence import bench_outputs, decision_benches
 from ..deploy.registry import current, list_deployments
 from ..errors import NotFoundError
 from ..runs.registry import get_run, list_runs
-from ..traces.store import Store
+from ..traces.store import Store, parse_cursor
 from .web import BadRequest, Request, Response, Templates, query_string
 
 PAGE = 50
 COUNT_CAP = 10_000
 DAILY_TTL_S = 60.0
+SEARCH_SCAN = 100_000
+"""Traces a search reads for one page at most (the next link searches on)."""
 FILTERS = ("task", "model", "source", "status")
 
 
@@ -90,7 +92,8 @@ class Pages:
         since, until = when(req.arg("since"), "since"), when(req.arg("until"), "until", end=True)
         search = req.arg("q")
         rows, next_cursor = self.store.page_traces(limit=PAGE, cursor=req.arg("cursor"), since=since, until=until,
-                                                   search=search, **filters)
+                                                   search=search, scan=SEARCH_SCAN, **filters)
+        short = bool(search and next_cursor and len(rows) < PAGE)  # the window searched held too few matches
         # counted off an index (all traces, or one task's) unless asked: other filters, a time
         # range or a search would scan a large store up to the cap
         cheap = not (search or since or until) and not any(filters[k] for k in FILTERS if k != "task")
@@ -105,7 +108,8 @@ class Pages:
         return self.render("traces.html", req, items=items, keep=keep, suggestions=suggestions, counted=counted,
                            cap=COUNT_CAP, next=(query_string(**keep, cursor=next_cursor) if next_cursor else None),
                            first=query_string(**keep) if req.arg("cursor") else None,
-                           count_link=query_string(**keep, count="1"))
+                           count_link=query_string(**keep, count="1"), short=short, scan=SEARCH_SCAN,
+                           reached=parse_cursor(next_cursor)[0] if short else None)
 
     def trace(self, req: Request) -> Response:
         row = self.store.get_trace(req.params["id"])

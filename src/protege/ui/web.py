@@ -49,26 +49,21 @@ class Request:
         return value or default
 
     def int_arg(self, name: str, default: int, lo: int, hi: int) -> int:
-        raw = self.arg(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise BadRequest(f"?{name}= takes a whole number, got {raw!r}") from None
-        if not lo <= value <= hi:
-            raise BadRequest(f"?{name}= takes a number from {lo} to {hi}, got {value}")
-        return value
-
+        value = self.number(name, int, lo, hi)
+        return default if value is None else int(value)
 
     def float_arg(self, name: str, lo: float, hi: float | None = None) -> float | None:
+        return self.number(name, float, lo, hi)
+
+    def number(self, name: str, cast, lo: float, hi: float | None) -> float | None:
+        """The query argument as a number in [lo, hi] (None when absent), or a BadRequest saying why not."""
         raw = self.arg(name)
         if raw is None:
             return None
         try:
-            value = float(raw)
+            value = cast(raw)
         except ValueError:
-            raise BadRequest(f"?{name}= takes a number, got {raw!r}") from None
+            raise BadRequest(f"?{name}= takes a {'whole ' if cast is int else ''}number, got {raw!r}") from None
         if value < lo or (hi is not None and value > hi):
             raise BadRequest(f"?{name}= takes a number from {lo:g}" + (f" to {hi:g}" if hi is not None else " up")
                              + f", got {value:g}")
