@@ -10,6 +10,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..datasets.build import example_from_trace
 from ..datasets.registry import list_datasets
 from ..decide import svg
 from ..decide.analysis import Inputs, decide
@@ -186,8 +187,6 @@ class Ops:
         item = items[skip] if skip < len(items) else None
         text = None
         if item is not None:
-            from ..datasets.build import example_from_trace
-
             ex = example_from_trace(self.store.get_trace(item["trace"]))
             text = ex["input"] if ex else None
         return self.render("review.html", req, task=task, tasks=names, item=item, left=len(items), skip=skip,
@@ -200,12 +199,10 @@ class Ops:
             raise BadRequest("a review names its task and trace (the form's hidden fields)")
         if not answer:
             raise BadRequest("pick one of the two answers, or type the right one")
-        spec = self.given.get(task)
-        if spec is None:
-            try:
-                spec = self.task(task)
-            except ProtegeError:
-                spec = None  # no task file at hand: the answer is stored as typed
+        try:
+            spec = self.task(task)
+        except ProtegeError:
+            spec = None  # no task file at hand: the answer is stored as typed
         if spec is not None and spec.kind == "classification":
             label = LabelMap(spec.labels)(answer)
             if label is None:
