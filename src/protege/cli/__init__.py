@@ -20,6 +20,7 @@ from .common import console, err, exit_on_lost_traces, print_json, settings
 from .dataset import dataset_app
 from .decide import decide_cmd
 from .deploy import deploy_cmd, deployments_app, monitor_cmd, rollback_cmd
+from .export import export_cmd
 from .flywheel import rebase_cmd, retrain_cmd
 from .serve import route_app, serve_cmd
 from .traces import traces_app
@@ -35,6 +36,7 @@ app.command("train")(train_cmd)
 app.command("curve")(curve_cmd)
 app.command("decide")(decide_cmd)
 app.command("serve")(serve_cmd)
+app.command("export")(export_cmd)
 app.command("deploy")(deploy_cmd)
 app.command("rollback")(rollback_cmd)
 app.command("monitor")(monitor_cmd)

@@ -37,8 +37,11 @@ def serve_cmd(
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0, help="Under load, how long the model lets "
                                         "requests gather before each batch (0: never waits)."),
     no_traces: bool = typer.Option(False, "--no-traces", help="Do not store served requests as traces."),
-    quantize: str = typer.Option("none", "--quantize", help="none | int8: dynamic int8 Linear layers on CPU "
-                                 "(bench its quality first: -c run:ID?quantize=int8)."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="torch (default) | onnx (classifiers: ONNX "
+                                          "Runtime) | llama.cpp (causal specialists: a GGUF file); exported on first use."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="torch: none | int8 (dynamic int8 Linear layers); "
+                                           "onnx: none | int8; llama.cpp: f32 | f16 | q8_0 (default) | q4_k_m. Bench "
+                                           "its quality first: -c 'run:ID?runtime=onnx&quantize=int8'."),
     shadow_rate: float = typer.Option(0.0, "--shadow-rate", min=0, max=1, help="Share of the specialist's answers "
                                       "also sent to the frontier in the background and compared (0: off)."),
     shadow: Optional[str] = typer.Option(None, "--shadow", help="openai:MODEL@BASE_URL to shadow against "
@@ -67,6 +70,7 @@ def serve_cmd(
     s = settings(ctx)
     store = open_store(ctx)
     deployment, background, own_alarm = None, (), None
+    load = {"runtime": runtime, "quantize": quantize}  # how the specialist is loaded; None: its default
     if target is None:
         if task_file is None:
             raise ProtegeError("name what to serve: run:RUN_ID, or --task TASK_FILE for the task's active deployment")
@@ -78,18 +82,17 @@ def serve_cmd(
         from ..tasks.spec import load_task
 
         task = load_task(task_file)
-        deployment, served = initial(store, task.name, s.ensure_home(), str(task_file), {"quantize": quantize},
-                                     frontier=fallback)
+        deployment, served = initial(store, task.name, s.ensure_home(), str(task_file), load, frontier=fallback)
         name, predict, run_id, fb, threshold = served.name, served.predict, served.run_id, served.fallback, \
             served.threshold
         own_alarm = served.alarm  # the deployment's own alarm settings
         background = (Follower(store, task.name, s.ensure_home(), str(task_file), deployment, poll_s=poll_s,
-                               options={"quantize": quantize}),)
+                               options=load),)
     else:
         if (fallback is None) != (threshold is None):
             raise ProtegeError("--fallback and --threshold go together: the fallback answers below the threshold")
         name, predict, task, run_id = load_specialist(target, store, s.ensure_home(),
-                                                      str(task_file) if task_file else None, {"quantize": quantize})
+                                                      str(task_file) if task_file else None, load)
         fb = Fallback(fallback) if fallback else None
     writer = None if no_traces else TraceWriter.for_settings(s)
     shadowing = None

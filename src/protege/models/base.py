@@ -33,6 +33,13 @@ class Prediction:
     """Classification candidates that score every label: the probability of each."""
 
 
+def label_prediction(labels: list[str], probs: list[float], prompt_tokens: int) -> Prediction:
+    """A classifier's answer: its most probable label, with the probability of every label."""
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return Prediction(output=labels[best], confidence=probs[best], prompt_tokens=prompt_tokens, completion_tokens=0,
+                      label_probs=dict(zip(labels, probs)))
+
+
 @dataclass
 class Context:
     """What a candidate may use: the task, the frozen dataset, the user's home folder."""

@@ -40,6 +40,24 @@ from .label_trie import LabelTrie, beam_search, tree_inputs
 SENTINEL = "\ue000"
 
 
+def render_prompt(task, tokenizer, text: str, *, instructed: bool, shots) -> str:
+    """The whole prompt a causal backend sends for `text`: the task's messages through the
+    model's chat template (plain paragraphs for a model without one)."""
+    messages = specialist_messages(task, text, instructed=instructed, shots=shots)
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+
+def prompt_parts(task, tokenizer, shots, *, instructed: bool):
+    """(the text every row's prompt starts with, a function rendering a row's whole prompt):
+    the prefix is decoded once and shared by every row."""
+    def render(text: str) -> str:
+        return render_prompt(task, tokenizer, text, instructed=instructed, shots=shots)
+
+    return render(SENTINEL).split(SENTINEL)[0], render
+
+
 class CausalLM:
     kind = "local"
 
@@ -96,7 +114,7 @@ class CausalLM:
         self._prefix_ok: bool | None = None
         """Whether prefix + suffix tokenise exactly as the whole prompt (checked on first use)."""
         shots = self._pick_shots(ctx.train)
-        self._prefix_text = self._render(SENTINEL, shots).split(SENTINEL)[0]
+        self._prefix_text = prompt_parts(task, self.tokenizer, shots, instructed=self.instructed)[0]
         self._shots = shots
         self._prefix_ids = self.tokenizer(self._prefix_text, add_special_tokens=False).input_ids
         self._prefix_cache = None
@@ -113,10 +131,7 @@ class CausalLM:
         return [(r["input"], r["reference"]) for r in rng.sample(train, min(self.shots, len(train)))]
 
     def _render(self, text: str, shots) -> str:
-        messages = specialist_messages(self.ctx.task, text, instructed=self.instructed, shots=shots)
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in messages) + "\n\n"
+        return render_prompt(self.ctx.task, self.tokenizer, text, instructed=self.instructed, shots=shots)
 
     def _suffix_ids(self, text: str) -> list[int]:
         full = self._render(text, self._shots)

@@ -37,6 +37,18 @@ class LabelTrie:
             self.label_at[node] = label
             self.path[label] = path
 
+    def forced(self, token: int, node: int) -> tuple[list[int], int]:
+        """(`token` and the tokens forced after it, the node they lead to): where the tree does
+        not branch there is one way on, taken up to the last node before a label ends."""
+        chunk = [token]
+        while len(self.children[node]) == 1:
+            (t, nxt), = self.children[node].items()
+            if nxt in self.label_at:
+                break
+            chunk.append(t)
+            node = nxt
+        return chunk, node
+
 
 def beam_search(trie: LabelTrie, state, best: list, width: int, extend, device) -> list[float]:
     """Beam search of width `width` over the label trie from the prefilled `state` (logits,
@@ -78,13 +90,7 @@ def beam_search(trie: LabelTrie, state, best: list, width: int, extend, device) 
                 if k == width:
                     open_[row] = max(open_[row], total)
                     break
-                chunk, node = [tok], child
-                while len(trie.children[node]) == 1:  # forced: one way on, and not the end
-                    (t, nxt), = trie.children[node].items()
-                    if nxt in trie.label_at:
-                        break
-                    chunk.append(t)
-                    node = nxt
+                chunk, node = trie.forced(tok, child)
                 new_live.append((row, node, total, live[h][3] + len(chunk)))
                 parents.append(h)
                 chunks.append(chunk)

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 
 from ..errors import ProtegeError
-from .base import Context, Prediction, option
+from .base import Context, label_prediction, option
 from .hf import quantize_int8, quiet_transformers, sequence_logits, set_pooling
 
 
@@ -54,11 +54,7 @@ class TrainedClassifier:
                 logits = sequence_logits(self.model, enc["input_ids"], enc["attention_mask"], self.pooling)
                 probs = torch.softmax(logits.float(), dim=-1)
             for r, i in enumerate(idx):
-                p = probs[r].tolist()
-                best = max(range(len(p)), key=p.__getitem__)
-                out[i] = Prediction(output=self.labels[best], confidence=p[best],
-                                    prompt_tokens=int(enc["attention_mask"][r].sum()), completion_tokens=0,
-                                    label_probs=dict(zip(self.labels, p)))
+                out[i] = label_prediction(self.labels, probs[r].tolist(), int(enc["attention_mask"][r].sum()))
             if progress:
                 progress(len(idx))
         return out
@@ -113,21 +109,66 @@ def finished_run_model(store, run_id: str) -> tuple[dict, Path, dict]:
     return run, folder, orjson.loads(meta_path.read_bytes())
 
 
+RUNTIMES = {"classifier": ("torch", "onnx"), "student": ("torch",), "causal": ("torch", "llama.cpp")}
+RUNTIME_FORMAT = {"onnx": "onnx", "llama.cpp": "gguf"}
+RUNTIME_QUANTIZE = {"onnx": "none", "llama.cpp": "q8_0"}
+"""What a runtime reads when the spec names no quantisation: ONNX in fp32 (the torch model's
+answers exactly), llama.cpp at q8_0 (what llama.cpp users serve; f32 is the exact one)."""
+
+
+def runtime_folder(folder: Path, meta: dict, runtime: str, quantize: str, home: Path, run_id: str | None) -> Path:
+    """The export `runtime` reads, made once beside the run's model (`RUN/exports/FORMAT-QUANT/`)
+    and reused by every later bench and serve."""
+    from .export import export
+
+    fmt = RUNTIME_FORMAT[runtime]
+    out = folder.parent / "exports" / f"{fmt}-{quantize}"
+    if not (out / "protege.json").exists():
+        export(folder, meta, fmt, out, quantize, home=home, run_id=run_id)
+    return out
+
+
 def specialist(folder: Path, meta: dict, run_id: str | None, options: dict, ctx: Context):
-    """The candidate for a model folder made by protege train; its protege.json says which
-    method made it, so which backend answers."""
+    """The candidate for a model folder made by protege train, or for an export of one; its
+    protege.json says which method made it (so which backend answers) and which format it is
+    in. `runtime` (torch, onnx for classifiers, llama.cpp for causal specialists) picks the
+    engine; a runtime other than torch answers from an export, made on first use."""
     method = meta.get("method")
+    name = run_id or meta.get("run_id") or folder.name
+    fmt = meta.get("format")
+    options = dict(options)
+    if fmt == "onnx":
+        from .ort import OnnxClassifier
+
+        return OnnxClassifier(folder, meta, _spec(name, "onnx", meta.get("quantize", "none")), options, ctx)
+    if fmt == "gguf":
+        from .llamacpp import LlamaCppLM
+
+        return LlamaCppLM(folder, meta, _spec(name, "llama.cpp", meta.get("quantize", "f32")), options, ctx)
+    family = "causal" if method in ("lora", "full", "distill", "grpo") else method
+    runtime = options.pop("runtime", "torch")
+    if family in RUNTIMES and runtime not in RUNTIMES[family]:
+        raise ProtegeError(f"run:{name}: runtime {runtime!r} does not run a {method} model: choose "
+                           f"{' or '.join(RUNTIMES[family])}")
+    if runtime != "torch":
+        quantize = options.pop("quantize", RUNTIME_QUANTIZE[runtime])
+        out = runtime_folder(folder, meta, runtime, quantize, ctx.home, name)
+        return specialist(out, orjson.loads((out / "protege.json").read_bytes()), run_id, options, ctx)
     if method == "classifier":
-        return TrainedClassifier(run_id or folder.name, folder, meta, options, ctx)
+        return TrainedClassifier(name, folder, meta, options, ctx)
     if method == "student":
-        return TrainedStudent(run_id or folder.name, folder, meta, options, ctx)
-    if method in ("lora", "full", "distill", "grpo"):
+        return TrainedStudent(name, folder, meta, options, ctx)
+    if family == "causal":
         from .causal import CausalLM
 
         # a fine-tuned specialist knows its task: it gets the task's own short prompt
-        return CausalLM(str(folder), {"instructed": "0", **options}, ctx, spec=f"run:{run_id}",
+        return CausalLM(str(folder), {"instructed": "0", **options}, ctx, spec=f"run:{name}",
                         instructed_default=False)
-    raise ProtegeError(f"run {run_id or folder}: method {method!r} cannot be benched or served yet")
+    raise ProtegeError(f"run {name}: method {method!r} cannot be benched or served yet")
+
+
+def _spec(name: str, runtime: str, quantize: str) -> str:
+    return f"run:{name}?runtime={runtime}&quantize={quantize}"
 
 
 def factory(rest: str, options: dict, ctx: Context):

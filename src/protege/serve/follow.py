@@ -31,7 +31,8 @@ log = logging.getLogger("protege.serve")
 def served_for(d: DeploymentRecord, store, home, task_file: str, options: dict) -> Served:
     """Load what deployment `d` serves (slow: a model load)."""
     load = {k: v for k, v in d["options"].items() if k != "alarm"}  # how the run is loaded
-    name, predict, _, run_id = load_specialist(f"run:{d['run_id']}", store, home, task_file, {**load, **options})
+    load.update({k: v for k, v in options.items() if v is not None})  # the server's flags, where it set them
+    name, predict, _, run_id = load_specialist(f"run:{d['run_id']}", store, home, task_file, load)
     return Served(name, predict, run_id, d["threshold"], Fallback(d["fallback"]) if d["fallback"] else None, d["id"],
                   d["options"].get("alarm"))
 

@@ -7,13 +7,12 @@ import orjson
 from ..errors import ProtegeError
 
 
-def load_specialist(target: str, store, home, task_file: str | None = None, options: dict | None = None):
-    """(name, predict function, task, run id) for `run:ID`, a run id, or a model folder made by
-    protege train."""
+def locate_specialist(target: str, store, task_file: str | None = None):
+    """(run record or None, model folder, its protege.json, the task) for `run:ID`, a run id,
+    or a model folder made by protege train (or exported by protege export)."""
     from pathlib import Path
 
-    from ..models.base import Context
-    from ..models.trained import finished_run_model, specialist
+    from ..models.trained import finished_run_model
     from ..tasks.spec import load_task
 
     run = None
@@ -22,6 +21,11 @@ def load_specialist(target: str, store, home, task_file: str | None = None, opti
         meta = orjson.loads((folder / "protege.json").read_bytes())
     else:
         run, folder, meta = finished_run_model(store, target[4:] if target.startswith("run:") else target)
+    if task_file is None and run is None and meta.get("run_id"):
+        try:  # an export names the run it came from: the run's task file is the default
+            run = finished_run_model(store, meta["run_id"])[0]
+        except ProtegeError:
+            run = None
     if task_file is None and run is not None:
         task_file = run["config"].get("task_file") or None
         if not task_file and run.get("dataset_id"):
@@ -34,9 +38,27 @@ def load_specialist(target: str, store, home, task_file: str | None = None, opti
     task = load_task(task_file)
     if meta.get("task") and meta["task"] != task.name:
         raise ProtegeError(f"{target} was trained for task {meta['task']!r}, not {task.name!r}")
+    return run, folder, meta, task
+
+
+def load_specialist(target: str, store, home, task_file: str | None = None, options: dict | None = None):
+    """(name, predict function, task, run id) for `run:ID`, a run id, or a model folder made by
+    protege train or protege export. `options`: the candidate's (runtime, quantize, ...)."""
+    from pathlib import Path
+
+    from ..models.base import Context
+    from ..models.trained import specialist
+
+    run, folder, meta, task = locate_specialist(target, store, task_file)
     ctx = Context(task=task, dataset=None, home=Path(home), store=store)
     run_id = meta.get("run_id") or (run or {}).get("id")
-    cand = specialist(folder, meta, run_id, dict(options or {}), ctx)
-    name = f"protege-{task.name}-{(run_id or folder.name)[:13]}" + (
-        f"-{options['quantize']}" if (options or {}).get("quantize", "none") != "none" else "")
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if options.get("runtime") == "torch":
+        options.pop("runtime")
+    if options.get("quantize") == "none" and "runtime" not in options:
+        options.pop("quantize")
+    cand = specialist(folder, meta, run_id, options, ctx)
+    runtime, _, query = cand.spec.partition("?")
+    tags = [v for k, v in (q.split("=") for q in query.split("&") if q) if k in ("runtime", "quantize") and v != "none"]
+    name = f"protege-{task.name}-{(run_id or folder.name)[:13]}" + "".join(f"-{t}" for t in tags)
     return name, cand.predict, task, run_id

@@ -1,0 +1,193 @@
+"""protege export and the fast runtimes: each export of a real (tiny) trained specialist is
+loaded back, benched and served, and answers as the model it came from (exactly in fp32,
+within the stated tolerance when quantised); bad requests get clear errors and leave
+nothing half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import ServerThread, make_banking, run
+
+INT8_PROB_GAP = 0.1
+"""Stated tolerance for int8 weights: no label's probability moves by more than this, so an
+answer can change only where the fp32 model's two best labels were that close."""
+
+
+@pytest.fixture
+def classifier(sqlite_store, tmp_path, home, tiny_bert):  # noqa: F811
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    run_id = train(sqlite_store, task, ds, home, tiny_bert, "classifier",
+                   load_recipe("classifier", overrides=["epochs=1", "batch_size=16", "pooling=mean"]))
+    return task, ds, run_id
+
+
+def ctx_for(store, task, ds, home):
+    from protege.models.base import Context
+
+    return Context(task=task, dataset=ds, home=home, store=store)
+
+
+def test_onnx_export_answers_exactly_as_the_torch_classifier_and_int8_within_tolerance(
+        sqlite_store, tmp_path, home, classifier, capsys):
+    from protege.bench.run import run_bench
+    from protege.models.export import check
+    from protege.models.registry import build_candidate
+
+    task, ds, run_id = classifier
+    rows = ds.split("test")
+    ctx = ctx_for(sqlite_store, task, ds, home)
+    source = build_candidate(f"run:{run_id}", ctx)
+    out = tmp_path / "exported"
+    code, stdout, err = run(capsys, "--db", sqlite_store.url, "export", f"run:{run_id}", str(out), "--format", "onnx",
+                            "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["format"] == "onnx" and result["check"]["differ"] == 0
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "tokenizer.json", "protege.json"}
+    meta = json.loads((out / "protege.json").read_text())
+    assert set(meta["labels"]) == set(task.labels) and meta["run_id"] == run_id
+    # the folder alone is a specialist: loaded back, it answers every row as the source
+    from protege.models.trained import specialist
+
+    onnx = specialist(out, meta, None, {}, ctx)
+    same = check(source, onnx, rows)
+    assert same["differ"] == 0 and same["max_prob_gap"] < 1e-4
+    # int8: probabilities within the stated tolerance; answers differ only on near-ties
+    int8 = build_candidate(f"run:{run_id}?runtime=onnx&quantize=int8", ctx)
+    a, b = source.predict(rows), int8.predict(rows)
+    gap = max(abs(x.label_probs[k] - y.label_probs[k]) for x, y in zip(a, b) for k in x.label_probs)
+    assert gap <= INT8_PROB_GAP
+    for x, y in zip(a, b):
+        if x.output != y.output:
+            top = sorted(x.label_probs.values(), reverse=True)
+            assert top[0] - top[1] <= 2 * INT8_PROB_GAP
+    # each runtime is its own bench candidate, its accuracy measured against the torch model's
+    report = run_bench(sqlite_store, task, ds, home, [f"run:{run_id}", f"run:{run_id}?runtime=onnx",
+                                                      f"run:{run_id}?runtime=onnx&quantize=int8"], latency_samples=2)
+    specs = [c.spec for c in report.results]
+    assert specs == [f"run:{run_id}", f"run:{run_id}?runtime=onnx", f"run:{run_id}?runtime=onnx&quantize=int8"]
+    torch_acc, onnx_acc = (c.metrics["accuracy"]["value"] for c in report.results[:2])
+    assert torch_acc == onnx_acc and report.results[1].throughput_rps > 0
+
+
+def serve_once(sqlite_store, tmp_path, home, target, options, task):
+    """(served model name, its answer) of one request to a real server over `target`."""
+    from protege.capture.writer import TraceWriter
+    from protege.serve.app import ServeApp
+    from protege.serve.specialist import load_specialist
+
+    name, predict, _, rid = load_specialist(target, sqlite_store, home, options=options)
+    writer = TraceWriter(sqlite_store, tmp_path / "spool")
+    app = ServeApp(name, predict, task=task.name, writer=writer, run_id=rid)
+    with ServerThread(app) as server:
+        body = {"messages": [{"role": "user", "content": "my card has not arrived"}]}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == name
+    writer.close()
+    assert sqlite_store.list_traces(source="serve")[-1]["metadata"]["run_id"] == rid
+    return name, r.json()["choices"][0]["message"]["content"]
+
+
+def test_onnx_runtime_serves_over_http(sqlite_store, tmp_path, home, classifier):
+    task, _, run_id = classifier
+    name, answer = serve_once(sqlite_store, tmp_path, home, f"run:{run_id}", {"runtime": "onnx", "quantize": "int8"},
+                              task)
+    assert name.endswith("-onnx-int8") and answer in task.labels
+
+
+def test_export_refuses_what_does_not_fit_and_leaves_nothing_behind(sqlite_store, tmp_path, home, classifier,
+                                                                     capsys):
+    task, ds, run_id = classifier
+    out = tmp_path / "out"
+    for args, words in [(["--format", "gguf"], "GGUF export is for causal specialists"),
+                        (["--format", "peft"], "peft export is for causal specialists"),
+                        (["--format", "onnx", "--quantize", "q4_k_m"], "does not apply to onnx"),
+                        (["--format", "tflite"], "choose one of onnx, gguf, merged, peft")]:
+        code, _, err = run(capsys, "--db", sqlite_store.url, "export", f"run:{run_id}", str(out), *args)
+        assert code == 1 and words in " ".join(err.split()), err
+        assert not out.exists() and not list(tmp_path.glob(".out-*"))
+    code, _, err = run(capsys, "--db", sqlite_store.url, "export", "run:nope", str(out), "--format", "onnx")
+    assert code == 1 and "nope" in err
+    (out / "mine.txt").parent.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    code, _, err = run(capsys, "--db", sqlite_store.url, "export", f"run:{run_id}", str(out), "--format", "onnx")
+    assert code == 1 and "is not an export of protege's" in " ".join(err.split())
+    assert (out / "mine.txt").read_text() == "a user's file"
+    from protege.errors import ProtegeError
+    from protege.models.registry import build_candidate
+
+    ctx = ctx_for(sqlite_store, task, ds, home)
+    with pytest.raises(ProtegeError, match="runtime 'llama.cpp' does not run a classifier"):
+        build_candidate(f"run:{run_id}?runtime=llama.cpp", ctx)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not a graph")
+    (broken / "protege.json").write_text(json.dumps({"method": "classifier", "format": "onnx", "labels": task.labels}))
+    from protege.models.trained import specialist
+
+    with pytest.raises(ProtegeError, match="ONNX Runtime cannot load"):
+        specialist(broken, json.loads((broken / "protege.json").read_text()), None, {}, ctx)
+
+
+@pytest.fixture
+def causal(sqlite_store, tmp_path, home, tiny_llama):  # noqa: F811
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(sqlite_store, tmp_path, home)
+    run_id = train(sqlite_store, task, ds, home, tiny_llama, "lora",
+                   load_recipe("lora", overrides=["epochs=1", "eval_rows=4"]))
+    return task, ds, run_id
+
+
+def near_ties(scores: dict, a: str, b: str, within: float) -> bool:
+    import math
+
+    return abs(math.log(scores[a]) - math.log(scores[b])) <= within
+
+
+def test_gguf_export_answers_as_the_torch_model_on_llama_cpp(sqlite_store, tmp_path, home, causal, capsys):
+    from protege.models.registry import build_candidate
+    from protege.models.trained import specialist
+
+    task, ds, run_id = causal
+    rows = ds.split("test")
+    ctx = ctx_for(sqlite_store, task, ds, home)
+    out = tmp_path / "gguf"
+    code, stdout, err = run(capsys, "--db", sqlite_store.url, "export", f"run:{run_id}", str(out), "--format", "gguf",
+                            "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["quantize"] == "f32" and result["files"]["model.gguf"] > 0 and result["check"]["rows"] > 0
+    meta = json.loads((out / "protege.json").read_text())
+    greedy = build_candidate(f"run:{run_id}?beam=1", ctx)  # llama.cpp decodes greedily over the label grammar
+    scores = build_candidate(f"run:{run_id}?mode=score", ctx).predict(rows)
+    gguf = specialist(out, meta, None, {}, ctx)
+    a, b = greedy.predict(rows), gguf.predict(rows)
+    assert all(p.output in task.labels for p in b)
+    for x, y, s in zip(a, b, scores):
+        if x.output == y.output:
+            assert abs(x.confidence - y.confidence) < 1e-3
+        else:  # float sums in another order can only swap labels the model holds all but equal
+            assert near_ties(s.label_probs, x.output, y.output, 1e-3), (x, y)
+    # quantised files are their own candidates; q8_0 moves no label probability by much
+    q8 = build_candidate(f"run:{run_id}?runtime=llama.cpp", ctx)
+    assert q8.spec.endswith("runtime=llama.cpp&quantize=q8_0")
+    from protege.runs.registry import get_run
+
+    cached = Path(get_run(sqlite_store, run_id)["checkpoint_path"]).parent / "exports" / "gguf-q8_0" / "model.gguf"
+    assert cached.exists() and cached.stat().st_size < result["files"]["model.gguf"]
+    c = q8.predict(rows)
+    assert all(p.output in task.labels and 0 < p.confidence <= 1 for p in c)
+    gguf.close()
+    q8.close()
+    # and it serves: the export folder itself, as a user would point protege serve at it
+    name, answer = serve_once(sqlite_store, tmp_path, home, str(out), {}, task)
+    assert name.endswith("-llama.cpp-f32") and answer in task.labels
