@@ -42,6 +42,7 @@ test: $(STAMP) $(CHROMIUM) lint
 
 bench-deps: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
+	PY=$(CURDIR)/$(BIN)/python bash benchmarks/build_llama_server.sh
 
 clean:
 	rm -rf $(VENV) .protege build *.egg-info

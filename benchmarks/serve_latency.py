@@ -1,32 +1,33 @@
-"""Serving latency and throughput: `protege serve` against the same model behind a plain
-transformers `pipeline` in a minimal FastAPI app, in the same run.
+"""Serving latency and throughput against the runtimes a team would pick instead, same run,
+same machine: ONNX Runtime for the MiniLM classifier, llama.cpp's own server for the
+SmolLM2 specialist; and the torch backend's constrained decoding against free generation.
 
-Run: make bench-deps && .venv/bin/python benchmarks/serve_latency.py [--home H --classifier-run ID --lora-run ID]
+Run: make bench-deps && .venv/bin/python benchmarks/serve_latency.py [--part minilm|smollm2|decoding]...
+     [--home H --classifier-run ID --lora-run ID]
 
-For each specialist (the MiniLM classifier and the SmolLM2-135M LoRA model, both for
-BANKING77), each server runs alone as its own process on this machine, and a closed-loop
-client keeps C requests in flight (C = 1, 8, 32) for a fixed number of requests: latency
-p50/p95 as the client sees it, and throughput. protege serve runs as users run it (traces
-stored). The peer is what a team writes in ten minutes: FastAPI, one `pipeline(...)`
-created at start-up, a sync endpoint (FastAPI runs it in its thread pool), the same
-OpenAI-style request. The SmolLM2 peer generates greedily (max 12 new tokens) with the
-task's prompt; protege answers it with the decoding its bench uses. `protege serve
---quantize int8` (dynamic int8 Linear layers) runs too, and the accuracy it costs is
-measured on the test split beside it; the targets are checked on the fp32 server.
+- minilm: `protege serve --runtime onnx` (fp32, and int8 weights) against ONNX Runtime on the
+  same exported file behind a minimal FastAPI app (what a user writes: one session made at
+  start-up, a sync endpoint, the tokenizer and label map the export ships), the transformers
+  `pipeline` in FastAPI, and protege's torch backend. Goals: p50 at concurrency 1 <= 5 ms;
+  throughput at concurrency 8 >= 1.5x the ONNX Runtime peer's (same quantisation).
+- smollm2: `protege serve` of the specialist's q8_0 GGUF (`--runtime llama.cpp`) against
+  llama.cpp's own OpenAI-compatible server (llama-server, built from the same llama.cpp
+  source by benchmarks/build_llama_server.sh) on the same file, 8 slots, the label set as a
+  GBNF grammar, temperature 0, the same chat messages. Goal: throughput at concurrency 8 at
+  least equal, with the same accuracy on the same 300 test rows (the c=8 run answers them).
+- decoding: the torch backend on the same specialist, batched (16 rows a call) on 300 test
+  rows: constrained label decoding against free greedy generation, rows/s. Goal: at least equal.
 
-Without --*-run the script trains short runs first (a few minutes). The MiniLM's latency does
-not depend on how well it was trained; the SmolLM2 specialist's does (constrained decoding
-widens its search only for the rows where it is unsure), so pass --lora-run with a run
-trained as train_banking77.py trains it for figures that stand for a real specialist.
-Targets (issue 5): MiniLM p50 at concurrency 1 <= 15 ms;
-throughput at concurrency 8 >= 2x the plain pipeline's. Writes
-benchmarks/results/serve_latency.json.
+Each server runs alone as its own process; a closed-loop client keeps C requests in flight.
+protege serve runs as users run it (every request stored as a trace). Without --*-run the
+script trains short runs first (a few minutes). Writes benchmarks/results/serve_latency.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -35,34 +36,44 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine_info, prepare, table, write_result
+from _common import RESULTS, machine_info, prepare, table, write_result
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "banking77"
+LLAMA_SERVER = ROOT / "benchmarks" / ".work" / "llama.cpp" / "llama-server"
 
 PEER = r'''
-import sys, json
-import torch
-from fastapi import FastAPI, Request
-from transformers import pipeline
+import json, sys
+from fastapi import FastAPI
 import uvicorn
 
-kind, folder, port, system = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+kind, folder, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 app = FastAPI()
-if kind == "classifier":
-    pipe = pipeline("text-classification", model=folder)
+if kind == "onnx":
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    session = ort.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    labels = json.load(open(f"{folder}/protege.json"))["labels"]
+
+    def answer(text):
+        enc = tokenizer([text], truncation=True, max_length=128, return_tensors="np")
+        logits = session.run(None, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})[0]
+        return labels[int(logits[0].argmax())]
 else:
-    pipe = pipeline("text-generation", model=folder, dtype=torch.float32)
+    from transformers import pipeline
+
+    pipe = pipeline("text-classification", model=folder)
+
+    def answer(text):
+        return pipe(text)[0]["label"]
 
 @app.post("/v1/chat/completions")
 def complete(body: dict):
-    text = body["messages"][-1]["content"]
-    if kind == "classifier":
-        out = pipe(text)[0]["label"]
-    else:
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": text}]
-        out = pipe(msgs, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]["content"]
+    out = answer(body["messages"][-1]["content"])
     return {"object": "chat.completion", "model": "peer",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": "stop"}]}
 
@@ -82,18 +93,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int, env: dict) -> subprocess.Popen:
+def start(cmd: list[str], port: int, env: dict, health: str = "/healthz") -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    for _ in range(1200):
+    log = open(RESULTS.parent / ".work" / f"server-{port}.log", "w")  # a server's own report, for a post-mortem
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
+    for _ in range(3000):
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
+            raise SystemExit(f"server exited: {Path(log.name).read_text()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{health}", timeout=1).status_code == 200:
                 return proc
         except httpx.TransportError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     raise SystemExit("server did not start")
 
 
@@ -105,35 +118,193 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-async def load(url: str, texts: list[str], concurrency: int, n: int) -> dict:
+async def load(url: str, bodies: list[dict], concurrency: int, n: int) -> dict:
+    """A closed loop of `concurrency` clients sending bodies[i % len] for i < n; the answers of
+    the first len(bodies) requests come back in order."""
     import aiohttp
 
     latencies: list[float] = []
+    answers: list = [None] * min(n, len(bodies))
     errors = 0
     counter = iter(range(n))
 
     async def worker(session):
         nonlocal errors
         for i in counter:
-            body = {"model": "x", "messages": [{"role": "user", "content": texts[i % len(texts)]}]}
             t = time.perf_counter()
-            async with session.post(url, json=body) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    errors += 1
+            try:
+                async with session.post(url, json=bodies[i % len(bodies)]) as resp:
+                    data = await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                    elif i < len(answers):
+                        answers[i] = json.loads(data)["choices"][0]["message"]["content"].strip()
+            except asyncio.TimeoutError:  # counted, never waited on for ever
+                errors += 1
             latencies.append((time.perf_counter() - t) * 1000)
 
-    async with aiohttp.ClientSession() as session:
-        # warm-up, not timed
-        for text in texts[:3]:
-            async with session.post(url, json={"messages": [{"role": "user", "content": text}]}) as resp:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        for body in bodies[:3]:  # warm-up, not timed
+            async with session.post(url, json=body) as resp:
                 await resp.read()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     p50, p95 = np.percentile(latencies, [50, 95])
     return {"concurrency": concurrency, "requests": n, "errors": errors, "p50_ms": float(p50), "p95_ms": float(p95),
-            "throughput_rps": n / wall, "latencies": latencies}
+            "throughput_rps": n / wall, "answers": answers}
+
+
+def measure(name: str, cmd: list[str], port: int, env: dict, bodies: list[dict], plan: dict[int, int],
+            console: Console, health: str = "/healthz") -> list[dict]:
+    proc = start(cmd, port, env, health)
+    rows = []
+    try:
+        for c, n in plan.items():
+            r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/chat/completions", bodies, c, n))
+            rows.append(r)
+            console.print(f"{name:34s} c={c:<3d} p50 {r['p50_ms']:8.1f} ms  p95 {r['p95_ms']:8.1f} ms  "
+                          f"{r['throughput_rps']:7.1f} req/s  errors {r['errors']}")
+    finally:
+        stop(proc)
+    return rows
+
+
+def at(rows: list[dict], c: int) -> dict:
+    return next(r for r in rows if r["concurrency"] == c)
+
+
+def protege_serve(home: Path, target: str, port: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "protege", "--home", str(home), "serve", target, "--port", str(port), *flags]
+
+
+def export(home: Path, run_id: str, fmt: str, quantize: str) -> Path:
+    out = home / "exports" / f"{run_id[:13]}-{fmt}-{quantize}"
+    if not (out / "protege.json").exists():
+        subprocess.run([sys.executable, "-m", "protege", "--home", str(home), "export", f"run:{run_id}", str(out),
+                        "--format", fmt, "--quantize", quantize, "--check-rows", "0"], check=True)
+    return out
+
+
+def part_minilm(store, task, ds, home, run_id, env, console) -> dict:
+    from protege.bench.run import run_bench
+    from protege.models.base import Context
+    from protege.models.export import check
+    from protege.models.registry import build_candidate
+    from protege.runs.registry import get_run
+
+    folder = get_run(store, run_id)["checkpoint_path"]
+    onnx = {q: export(home, run_id, "onnx", q) for q in ("none", "int8")}
+    bodies = [{"model": "x", "messages": [{"role": "user", "content": r["input"]}]} for r in ds.split("test")[::7]]
+    plan = {1: 300, 8: 1200, 32: 1600}
+    servers = {
+        "protege serve --runtime onnx": lambda p: protege_serve(home, f"run:{run_id}", p, "--runtime", "onnx"),
+        "protege serve --runtime onnx --quantize int8": lambda p: protege_serve(
+            home, f"run:{run_id}", p, "--runtime", "onnx", "--quantize", "int8"),
+        "ONNX Runtime + FastAPI (fp32)": lambda p: [sys.executable, "-c", PEER, "onnx", str(onnx["none"]), str(p)],
+        "ONNX Runtime + FastAPI (int8)": lambda p: [sys.executable, "-c", PEER, "onnx", str(onnx["int8"]), str(p)],
+        "protege serve (torch)": lambda p: protege_serve(home, f"run:{run_id}", p),
+        "transformers pipeline + FastAPI": lambda p: [sys.executable, "-c", PEER, "pipeline", folder, str(p)],
+    }
+    res: dict = {"run_id": run_id, "servers": {}}
+    for name, cmd in servers.items():
+        port = free_port()
+        rows = measure(name, cmd(port), port, env, bodies, plan, console)
+        res["servers"][name] = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
+    # what each runtime answers on the whole test split, measured as bench candidates
+    specs = [f"run:{run_id}", f"run:{run_id}?runtime=onnx", f"run:{run_id}?runtime=onnx&quantize=int8"]
+    report = run_bench(store, task, ds, home, specs, latency_samples=1)
+    res["quality"] = {"test_rows": report.rows, **{c.spec: c.metrics["accuracy"] for c in report.results}}
+    ctx = Context(task=task, dataset=ds, home=home, store=store)
+    rows = ds.split("test")
+    torch_model = build_candidate(specs[0], ctx)
+    res["agreement_with_torch"] = {s: {k: v for k, v in check(torch_model, build_candidate(s, ctx), rows).items()
+                                       if k != "examples"} for s in specs[1:]}
+    s = res["servers"]
+    ours, ours8 = s["protege serve --runtime onnx"], s["protege serve --runtime onnx --quantize int8"]
+    peer, peer8 = s["ONNX Runtime + FastAPI (fp32)"], s["ONNX Runtime + FastAPI (int8)"]
+    res["ratio_c8_vs_onnx_peer"] = {"fp32": at(ours, 8)["throughput_rps"] / at(peer, 8)["throughput_rps"],
+                                    "int8": at(ours8, 8)["throughput_rps"] / at(peer8, 8)["throughput_rps"]}
+    res["checks"] = {"p50_c1_at_most_5ms_fp32": at(ours, 1)["p50_ms"] <= 5,
+                     "p50_c1_at_most_5ms_int8": at(ours8, 1)["p50_ms"] <= 5,
+                     "throughput_c8_at_least_1.5x_onnx_peer_fp32": res["ratio_c8_vs_onnx_peer"]["fp32"] >= 1.5,
+                     "throughput_c8_at_least_1.5x_onnx_peer_int8": res["ratio_c8_vs_onnx_peer"]["int8"] >= 1.5}
+    return res
+
+
+def grammar(labels: list[str]) -> str:
+    """The label set as a GBNF grammar: llama-server's way to constrain an answer."""
+    def lit(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return "root ::= " + " | ".join(lit(label) for label in labels)
+
+
+def part_smollm2(store, task, ds, home, run_id, env, console, rows_n: int) -> dict:
+    from protege.tasks.prompting import specialist_messages
+
+    if not LLAMA_SERVER.exists():
+        raise SystemExit(f"{LLAMA_SERVER} is missing: run `make bench-deps` (it builds llama-server)")
+    gguf = export(home, run_id, "gguf", "q8_0")
+    rows = ds.split("test")[::max(1, len(ds.split("test")) // rows_n)][:rows_n]
+    ours_bodies = [{"model": "x", "messages": [{"role": "user", "content": r["input"]}]} for r in rows]
+    gbnf = grammar(task.labels)
+    peer_bodies = [{"model": "x", "messages": specialist_messages(task, r["input"]), "temperature": 0,
+                    "max_tokens": 32, "grammar": gbnf, "cache_prompt": True} for r in rows]
+    cores = str(os.cpu_count() or 1)
+    plan = {1: 40, 8: rows_n}
+    servers = {
+        "protege serve --runtime llama.cpp (q8_0)": (
+            lambda p: protege_serve(home, str(gguf), p, "--max-batch", "16"), ours_bodies, "/healthz"),
+        "llama-server (q8_0, 8 slots, grammar)": (
+            lambda p: [str(LLAMA_SERVER), "-m", str(gguf / "model.gguf"), "--host", "127.0.0.1", "--port", str(p),
+                       "-np", "8", "-c", "8192", "-t", cores, "-tb", cores, "--jinja", "--no-webui"],
+            peer_bodies, "/health"),
+    }
+    res: dict = {"run_id": run_id, "gguf": "q8_0", "rows": rows_n, "servers": {}, "accuracy": {}}
+    refs = [r["reference"] for r in rows]
+    for name, (cmd, bodies, health) in servers.items():
+        port = free_port()
+        got = measure(name, cmd(port), port, env, bodies, plan, console, health)
+        answers = at(got, 8)["answers"]
+        res["accuracy"][name] = float(np.mean([a == ref for a, ref in zip(answers, refs)]))
+        res["servers"][name] = [{k: v for k, v in r.items() if k != "answers"} for r in got]
+        res.setdefault("answers", {})[name] = answers
+        console.print(f"{name}: accuracy {res['accuracy'][name]:.4f} on {rows_n} test rows")
+    a, b = res["answers"].values()
+    res["same_answer_share"] = float(np.mean([x == y for x, y in zip(a, b)]))
+    del res["answers"]
+    ours, peer = res["servers"].values()
+    res["ratio_c8"] = at(ours, 8)["throughput_rps"] / at(peer, 8)["throughput_rps"]
+    acc = list(res["accuracy"].values())
+    res["checks"] = {"throughput_c8_at_least_llama_server": res["ratio_c8"] >= 1,
+                     "accuracy_at_least_llama_server": acc[0] >= acc[1]}
+    return res
+
+
+def part_decoding(store, task, ds, home, run_id, console, rows_n: int) -> dict:
+    """Batched torch decoding on the same rows: constrained labels against free generation."""
+    from protege.models.base import Context
+    from protege.models.registry import build_candidate
+
+    rows = ds.split("test")[::max(1, len(ds.split("test")) // rows_n)][:rows_n]
+    ctx = Context(task=task, dataset=ds, home=home, store=store)
+    res: dict = {"run_id": run_id, "rows": rows_n, "batch_size": 16}
+    for name, spec in {"constrained": f"run:{run_id}?batch_size=16",
+                       "generate": f"run:{run_id}?mode=generate&batch_size=16&max_new_tokens=16",
+                       "llama.cpp constrained (q8_0)": f"run:{run_id}?runtime=llama.cpp&batch_size=16"}.items():
+        cand = build_candidate(spec, ctx)
+        cand.predict(rows[:16])  # warm-up
+        t = time.perf_counter()
+        out = cand.predict(rows)
+        wall = time.perf_counter() - t
+        cand.close()
+        res[name] = {"rows_per_s": len(rows) / wall,
+                     "accuracy": float(np.mean([p.output == r["reference"] for p, r in zip(out, rows)]))}
+        console.print(f"decoding {name:30s} {res[name]['rows_per_s']:6.2f} rows/s  accuracy {res[name]['accuracy']:.4f}")
+    res["ratio"] = res["constrained"]["rows_per_s"] / res["generate"]["rows_per_s"]
+    res["checks"] = {"constrained_at_least_generate": res["ratio"] >= 1}
+    return res
 
 
 def main() -> None:
@@ -141,105 +312,58 @@ def main() -> None:
     parser.add_argument("--home", default=None)
     parser.add_argument("--classifier-run", default=None)
     parser.add_argument("--lora-run", default=None)
-    parser.add_argument("--skip-lora", action="store_true")
-    parser.add_argument("--quality-rows", type=int, default=300, help="test rows for the LoRA model's int8 quality")
+    parser.add_argument("--lora-minutes", type=float, default=6, help="training budget of the LoRA run made here")
+    parser.add_argument("--part", action="append", choices=["minilm", "smollm2", "decoding"])
+    parser.add_argument("--rows", type=int, default=300, help="test rows for the SmolLM2 parts")
     args = parser.parse_args()
+    parts = args.part or ["minilm", "smollm2", "decoding"]
     try:
         import fastapi  # noqa: F401
     except ImportError:
         raise SystemExit("FastAPI is not installed: run `make bench-deps` first") from None
-    info = machine_info(["protege", "torch", "transformers", "fastapi", "uvicorn"])
+    info = machine_info(["protege", "torch", "transformers", "onnxruntime", "llama-cpp-python", "fastapi", "uvicorn"])
     console = Console()
 
-    from protege.runs.registry import get_run
     from protege.train.api import train
     from protege.train.recipe import load_recipe
 
     store, task, ds, home = prepare(EX, "banking77", args.home, "protege-serve-")
-    texts = [r["input"] for r in ds.split("test")[::7]]
-    runs = {"classifier": args.classifier_run, "lora": None if args.skip_lora else args.lora_run}
-    if not runs["classifier"]:
-        # pooling cls: the model the peer's pipeline applies as it is, so both servers answer alike
-        runs["classifier"] = train(store, task, ds, home, "minilm", "classifier",
-                                   load_recipe("classifier", ROOT / "recipes" / "classifier.yaml", ["pooling=cls"]),
-                                   time_budget_min=1.5, console=console)
-    if not args.skip_lora and not runs["lora"]:
-        runs["lora"] = train(store, task, ds, home, "smollm2-135m", "lora",
-                             load_recipe("lora", ROOT / "recipes" / "lora.yaml", ["eval_rows=10"]),
-                             time_budget_min=2, console=console)
     env = {**os.environ, "PROTEGE_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}
-    plan = {"classifier": {1: 300, 8: 1200, 32: 1600}, "lora": {1: 20, 8: 48, 32: 64}}
-    results: dict = {}
-    for kind, run_id in runs.items():
-        if not run_id:
-            continue
-        folder = get_run(store, run_id)["checkpoint_path"]
-        results[kind] = {"run_id": run_id}
-        for server in ("protege serve", "protege serve --quantize int8", "FastAPI + pipeline"):
-            port = free_port()
-            if server.startswith("protege serve"):
-                cmd = [sys.executable, "-m", "protege", "--home", str(home), "serve", f"run:{run_id}", "--port",
-                       str(port), *server.split()[2:]]
-            else:
-                cmd = [sys.executable, "-c", PEER, kind, folder, str(port), task.prompt.system or ""]
-            proc = start(cmd, port, env)
-            try:
-                rows = []
-                for c, n in plan[kind].items():
-                    r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/chat/completions", texts, c, n))
-                    rows.append({k: v for k, v in r.items() if k != "latencies"})  # the summary, not every sample
-                    console.print(f"{kind:10s} {server:20s} c={c:<3d} p50 {r['p50_ms']:8.1f} ms  p95 "
-                                  f"{r['p95_ms']:8.1f} ms  {r['throughput_rps']:7.1f} req/s  errors {r['errors']}")
-            finally:
-                stop(proc)
-            results[kind][server] = rows
-    # what int8 costs in quality, measured like any candidate on the same test rows
-    from protege.bench.run import run_bench
-
-    for kind, res in results.items():
-        res["machine"] = info
-        rid = res["run_id"]
-        report = run_bench(store, task, ds, home, [f"run:{rid}", f"run:{rid}?quantize=int8"], latency_samples=1,
-                           limit=None if kind == "classifier" else args.quality_rows)
-        fp32, int8 = report.results
-        res["quality"] = {"test_rows": report.rows, "fp32": fp32.metrics["accuracy"], "int8": int8.metrics["accuracy"],
-                          "int8_minus_fp32": int8.paired.get("accuracy")}
-        console.print(f"{kind}: accuracy fp32 {fp32.metrics['accuracy']['value']:.4f}, int8 "
-                      f"{int8.metrics['accuracy']['value']:.4f} on {report.rows} test rows")
-    import json
-
-    from _common import RESULTS
-
     previous = RESULTS / "serve_latency.json"
-    if previous.exists():  # a run of one specialist (--skip-lora) keeps the other's last figures
-        for kind, res in json.loads(previous.read_text()).get("results", {}).items():
-            results.setdefault(kind, res)
-    checks = {}
-    table_rows = []
-    for kind, res in results.items():
-        ours, peer, q8 = res["protege serve"], res["FastAPI + pipeline"], res["protege serve --quantize int8"]
-        for a, b, c in zip(ours, peer, q8):
-            table_rows.append([kind, a["concurrency"], a["p50_ms"], a["p95_ms"], a["throughput_rps"], b["p50_ms"],
-                               b["p95_ms"], b["throughput_rps"], a["throughput_rps"] / b["throughput_rps"],
-                               c["p50_ms"], c["throughput_rps"] / b["throughput_rps"]])
-        res["throughput_ratio_c8_int8"] = next(c for c in q8 if c["concurrency"] == 8)["throughput_rps"] / \
-            next(b for b in peer if b["concurrency"] == 8)["throughput_rps"]
-        c8 = next(a for a in ours if a["concurrency"] == 8)["throughput_rps"] / \
-            next(b for b in peer if b["concurrency"] == 8)["throughput_rps"]
-        res["throughput_ratio_c8"] = c8
-        res["max_throughput_rps"] = {"protege": max(a["throughput_rps"] for a in ours),
-                                     "peer": max(b["throughput_rps"] for b in peer)}
-        checks[f"{kind}_throughput_c8_at_least_2x_peer"] = c8 >= 2
-        checks[f"{kind}_int8_throughput_c8_at_least_2x_peer"] = res["throughput_ratio_c8_int8"] >= 2
-    if "classifier" in results:
-        checks["classifier_p50_c1_at_most_15ms"] = results["classifier"]["protege serve"][0]["p50_ms"] <= 15
-    console.print(table("protege serve vs FastAPI + transformers pipeline (2 CPU cores)",
-                        ["specialist", "concurrency", "protege p50 ms", "p95 ms", "req/s", "peer p50 ms", "p95 ms",
-                         "req/s", "ratio", "int8 p50 ms", "int8 ratio"], table_rows))
+    results = json.loads(previous.read_text()).get("results", {}) if previous.exists() else {}
+    results = {k: v for k, v in results.items() if k in ("minilm", "smollm2", "decoding")}  # an older layout goes
+    if "minilm" in parts:
+        run_id = args.classifier_run or train(
+            store, task, ds, home, "minilm", "classifier",
+            # pooling cls: the model the pipeline peer applies as it is, so every server answers alike
+            load_recipe("classifier", ROOT / "recipes" / "classifier.yaml", ["pooling=cls"]),
+            time_budget_min=1.5, console=console)
+        results["minilm"] = {**part_minilm(store, task, ds, home, run_id, env, console), "machine": info}
+    if {"smollm2", "decoding"} & set(parts):
+        lora = args.lora_run or train(store, task, ds, home, "smollm2-135m", "lora",
+                                      load_recipe("lora", ROOT / "recipes" / "lora.yaml", ["eval_rows=10"]),
+                                      time_budget_min=args.lora_minutes, console=console)
+        if "smollm2" in parts:
+            results["smollm2"] = {**part_smollm2(store, task, ds, home, lora, env, console, args.rows),
+                                  "machine": info}
+        if "decoding" in parts:
+            results["decoding"] = {**part_decoding(store, task, ds, home, lora, console, args.rows), "machine": info}
+    rows = []
+    if "minilm" in results:
+        s = results["minilm"]["servers"]
+        for name, got in s.items():
+            for r in got:
+                rows.append(["MiniLM", name, r["concurrency"], r["p50_ms"], r["p95_ms"], r["throughput_rps"]])
+    if "smollm2" in results:
+        for name, got in results["smollm2"]["servers"].items():
+            for r in got:
+                rows.append(["SmolLM2 LoRA", name, r["concurrency"], r["p50_ms"], r["p95_ms"], r["throughput_rps"]])
+    console.print(table("serving on this machine: each server alone, closed-loop clients",
+                        ["specialist", "server", "concurrency", "p50 ms", "p95 ms", "req/s"], rows))
+    checks = {f"{part}_{k}": v for part, res in results.items() for k, v in res.get("checks", {}).items()}
     for name, ok in checks.items():
         console.print(f"{'met ' if ok else 'MISSED'}  {name}")
-    path = write_result("serve_latency", {"benchmark": "serve_latency", "machine": info, "results": results,
-                                          "checks": checks})
+    path = write_result("serve_latency", {"benchmark": "serve_latency", "results": results, "checks": checks})
     console.print(f"wrote {path}")
 
 

@@ -191,3 +191,16 @@ def test_gguf_export_answers_as_the_torch_model_on_llama_cpp(sqlite_store, tmp_p
     # and it serves: the export folder itself, as a user would point protege serve at it
     name, answer = serve_once(sqlite_store, tmp_path, home, str(out), {}, task)
     assert name.endswith("-llama.cpp-f32") and answer in task.labels
+
+
+def test_length_groups_cover_every_row_once_within_the_padding_slack():
+    from protege.models.ort import length_groups
+
+    lengths = [5, 80, 7, 6, 40, 41, 5, 12, 13, 90, 1]
+    groups = length_groups(lengths, most=3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) <= 3
+        assert max(lengths[i] for i in g) * len(g) <= 1.2 * sum(lengths[i] for i in g)
+    assert length_groups([], most=4) == []
+    assert length_groups([3, 3, 3, 3, 3], most=4) == [[0, 1, 2, 3], [4]]

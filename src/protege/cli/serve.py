@@ -42,6 +42,8 @@ def serve_cmd(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="torch: none | int8 (dynamic int8 Linear layers); "
                                            "onnx: none | int8; llama.cpp: f32 | f16 | q8_0 (default) | q4_k_m. Bench "
                                            "its quality first: -c 'run:ID?runtime=onnx&quantize=int8'."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads the model computes with (default: "
+                                          "every core; onnx and llama.cpp read it, torch sets its own)."),
     shadow_rate: float = typer.Option(0.0, "--shadow-rate", min=0, max=1, help="Share of the specialist's answers "
                                       "also sent to the frontier in the background and compared (0: off)."),
     shadow: Optional[str] = typer.Option(None, "--shadow", help="openai:MODEL@BASE_URL to shadow against "
@@ -70,7 +72,11 @@ def serve_cmd(
     s = settings(ctx)
     store = open_store(ctx)
     deployment, background, own_alarm = None, (), None
-    load = {"runtime": runtime, "quantize": quantize}  # how the specialist is loaded; None: its default
+    load = {"runtime": runtime, "quantize": quantize, "threads": threads}  # how the specialist is loaded; None: its default
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if target is None:
         if task_file is None:
             raise ProtegeError("name what to serve: run:RUN_ID, or --task TASK_FILE for the task's active deployment")

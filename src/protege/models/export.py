@@ -110,8 +110,6 @@ def _logits_module(model, pooling: str):
 def export_onnx(folder: Path, meta: dict, out: Path, quantize: str) -> None:
     """model.onnx (fp32, or int8 weights through ONNX Runtime's dynamic quantisation) with the
     tokenizer files beside it; dynamic batch and sequence axes."""
-    import logging
-
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -130,23 +128,33 @@ def export_onnx(folder: Path, meta: dict, out: Path, quantize: str) -> None:
                        return_tensors="pt")
     fp32 = out / ("model.onnx" if quantize == "none" else "model-fp32.onnx")
     dims = {0: torch.export.Dim("batch", min=1, max=4096), 1: torch.export.Dim("sequence", min=1, max=8192)}
-    # the dynamo exporter prints its progress, which `--json` callers would have to parse
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    # the dynamo exporter prints its progress, which `--json` callers would have to parse, and
+    # logs what it skips (torchvision's operators), which says nothing about this model
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")  # the exporter's own deprecation notes, not the user's concern
         torch.onnx.export(_logits_module(model, pooling), (sample["input_ids"], sample["attention_mask"]), str(fp32),
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
                           dynamic_shapes={"input_ids": dims, "attention_mask": dims}, external_data=False,
                           dynamo=True, verbose=False)
     if quantize == "int8":
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # "consider pre-processing": advice the bench's measured accuracy answers
-        try:
+        with _quiet_logger(""):  # "consider pre-processing": advice the bench's measured accuracy answers
             ortq.quantize_dynamic(str(fp32), str(out / "model.onnx"), weight_type=ortq.QuantType.QInt8)
-        finally:
-            root.setLevel(level)
         fp32.unlink()
     tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Only errors from the logger `name` ("" is the root) while the block runs."""
+    import logging
+
+    logger = logging.getLogger(name or None)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check(source, exported, rows: list[dict]) -> dict:

@@ -96,9 +96,11 @@ def beam_search(trie: LabelTrie, state, best: list, width: int, extend, device) 
                 chunks.append(chunk)
         if not new_live:
             break
-        idx = torch.tensor(parents, device=device)
-        cache.reorder_cache(idx)
-        logps, cache, mask, cur = extend(chunks, cache, mask[idx], cur[idx])
+        if parents != list(range(len(live))):  # rows ended or beams branched: the cache follows them
+            idx = torch.tensor(parents, device=device)
+            cache.reorder_cache(idx)  # a copy of every layer's keys and values: skipped when nothing moved
+            mask, cur = mask[idx], cur[idx]
+        logps, cache, mask, cur = extend(chunks, cache, mask, cur)
         live, next_logp = [], []
         for (row, node, total, length), chunk, lp in zip(new_live, chunks, logps):
             forced = float(lp[torch.arange(len(chunk) - 1), chunk[1:]].sum()) if len(chunk) > 1 else 0.0

@@ -17,7 +17,9 @@ class Batcher:
     more than one request) the thread lets `wait_s` pass, or `max_batch` requests gather,
     before it starts: clients in a closed loop send their next requests a moment apart, and
     without the wait the first of them would go alone and the rest one batch later (at 8
-    clients, batches of 1 and 7 by turns). A batch of one ends the waiting."""
+    clients, batches of 1 and 7 by turns). It waits no longer once as many requests as the
+    last batch held have come (waiting on would leave the model idle for clients that are
+    not coming); whatever is queued by then joins too. A batch of one ends the waiting."""
 
     def __init__(self, predict, max_batch: int = 32, metrics: Metrics | None = None, wait_s: float = 0.005):
         self.predict, self.max_batch, self.metrics = predict, max_batch, metrics or Metrics()
@@ -43,6 +45,8 @@ class Batcher:
             try:
                 nxt = self.queue.get_nowait()
             except queue.Empty:
+                if len(items) >= self.last:  # as many as the last batch: the clients it answered are back
+                    break
                 remaining = deadline - time.monotonic() if deadline is not None else 0.0
                 if remaining <= 0:
                     break
