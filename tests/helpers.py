@@ -107,6 +107,16 @@ def make_banking(store, tmp_path, home):
     return task, get_dataset(store, result.id)
 
 
+def trained_on_banking(store, tmp_path, home, base: str, method: str, *overrides: str):
+    """(task, dataset, run id): `make_banking`'s slice, and a run of `method` on `base` trained
+    on it with the recipe's defaults under `overrides`."""
+    from protege.train.api import train
+    from protege.train.recipe import load_recipe
+
+    task, ds = make_banking(store, tmp_path, home)
+    return task, ds, train(store, task, ds, home, base, method, load_recipe(method, overrides=list(overrides)))
+
+
 # -- servers on 127.0.0.1 -------------------------------------------------------------------
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ServerThread, make_banking, run
+from helpers import ServerThread, run, trained_on_banking
 
 INT8_PROB_GAP = 0.1
 """Stated tolerance for int8 weights: no label's probability moves by more than this, so an
@@ -19,13 +19,8 @@ answer can change only where the fp32 model's two best labels were that close.""
 
 @pytest.fixture
 def classifier(sqlite_store, tmp_path, home, tiny_bert):  # noqa: F811
-    from protege.train.api import train
-    from protege.train.recipe import load_recipe
-
-    task, ds = make_banking(sqlite_store, tmp_path, home)
-    run_id = train(sqlite_store, task, ds, home, tiny_bert, "classifier",
-                   load_recipe("classifier", overrides=["epochs=1", "batch_size=16", "pooling=mean"]))
-    return task, ds, run_id
+    return trained_on_banking(sqlite_store, tmp_path, home, tiny_bert, "classifier", "epochs=1", "batch_size=16",
+                              "pooling=mean")
 
 
 def ctx_for(store, task, ds, home):
@@ -138,13 +133,7 @@ def test_export_refuses_what_does_not_fit_and_leaves_nothing_behind(sqlite_store
 
 @pytest.fixture
 def causal(sqlite_store, tmp_path, home, tiny_llama):  # noqa: F811
-    from protege.train.api import train
-    from protege.train.recipe import load_recipe
-
-    task, ds = make_banking(sqlite_store, tmp_path, home)
-    run_id = train(sqlite_store, task, ds, home, tiny_llama, "lora",
-                   load_recipe("lora", overrides=["epochs=1", "eval_rows=4"]))
-    return task, ds, run_id
+    return trained_on_banking(sqlite_store, tmp_path, home, tiny_llama, "lora", "epochs=1", "eval_rows=4")
 
 
 def near_ties(scores: dict, a: str, b: str, within: float) -> bool:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import ServerThread, free_port, make_banking, run
+from helpers import ServerThread, free_port, run, trained_on_banking
 
 from protege.testing import ScriptedUpstream
 
@@ -18,13 +18,7 @@ KEY = "sk-serve-test"
 
 @pytest.fixture
 def trained(sqlite_store, tmp_path, home, tiny_bert):  # noqa: F811
-    from protege.train.api import train
-    from protege.train.recipe import load_recipe
-
-    task, ds = make_banking(sqlite_store, tmp_path, home)
-    run_id = train(sqlite_store, task, ds, home, tiny_bert, "classifier",
-                   load_recipe("classifier", overrides=["epochs=1", "batch_size=16"]))
-    return task, ds, run_id
+    return trained_on_banking(sqlite_store, tmp_path, home, tiny_bert, "classifier", "epochs=1", "batch_size=16")
 
 
 def make_server(sqlite_store, home, tmp_path, run_id, **kw):
@@ -211,12 +205,7 @@ def test_serve_command_runs_and_stops_cleanly(sqlite_store, tmp_path, home, trai
 
 
 def test_serves_a_causal_lm_specialist(sqlite_store, tmp_path, home, tiny_llama):  # noqa: F811
-    from protege.train.api import train
-    from protege.train.recipe import load_recipe
-
-    task, ds = make_banking(sqlite_store, tmp_path, home)
-    run_id = train(sqlite_store, task, ds, home, tiny_llama, "lora",
-                   load_recipe("lora", overrides=["epochs=1", "eval_rows=4"]))
+    task, ds, run_id = trained_on_banking(sqlite_store, tmp_path, home, tiny_llama, "lora", "epochs=1", "eval_rows=4")
     server, app, writer = make_server(sqlite_store, home, tmp_path, run_id)
     with server:
         r = httpx.post(server.url + "/v1/chat/completions", json=chat("my card has not arrived"), timeout=60)

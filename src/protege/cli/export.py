@@ -36,7 +36,7 @@ def export_cmd(
     run_id = meta.get("run_id") or (run or {}).get("id")
     if not as_json:
         err.print(f"protege export: {target} ({meta.get('method')}) as {fmt} → {out} ...")
-    path = export(folder, meta, fmt, out, quantize, home=s.ensure_home(), run_id=run_id)
+    path = export(folder, meta, fmt, out, quantize, run_id=run_id)
     done = orjson.loads((path / "protege.json").read_bytes())
     result = {"path": str(path), "format": fmt, "quantize": done["quantize"], "run_id": run_id,
               "files": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}, "check": None}

@@ -39,7 +39,7 @@ def default_quantize(fmt: str) -> str:
     return QUANTIZE[fmt][0]
 
 
-def export(folder: Path, meta: dict, fmt: str, out: Path, quantize: str | None = None, *, home: Path,
+def export(folder: Path, meta: dict, fmt: str, out: Path, quantize: str | None = None, *,
            run_id: str | None = None) -> Path:
     """Write the export of the model folder `folder` (made by protege train; `meta` is its
     protege.json) as `fmt` into `out`; returns `out`."""
@@ -68,7 +68,7 @@ def export(folder: Path, meta: dict, fmt: str, out: Path, quantize: str | None =
         elif fmt == "gguf":
             from .gguf_export import export_gguf
 
-            export_gguf(folder, meta, tmp, quantize, home=home)
+            export_gguf(folder, meta, tmp, quantize)
         elif fmt == "merged":
             _copy_folder(folder, tmp)
         else:

@@ -30,7 +30,7 @@ PROBE = ("Hello World! my card 4242 4242 was charged 1,234.56 EUR twice...\n\n  
 FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
-def export_gguf(folder: Path, meta: dict, out: Path, quantize: str, *, home: Path) -> None:
+def export_gguf(folder: Path, meta: dict, out: Path, quantize: str) -> None:
     """`out/model.gguf` (plus the tokenizer files, which render the task's chat prompt)."""
     try:
         import gguf  # noqa: F401

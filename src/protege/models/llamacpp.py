@@ -103,7 +103,6 @@ class LlamaCppLM:
                                                      instructed=False)
         self.prefix = self.tokenize(self.prefix_text)
         self.prefix_ok: bool | None = None
-        self.labels = meta.get("labels") or task.labels
         self.trie = None
         if task.kind == "classification":
             if not task.labels:

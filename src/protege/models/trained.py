@@ -13,6 +13,7 @@ import orjson
 
 from ..errors import ProtegeError
 from .base import Context, label_prediction, option
+from .export import CAUSAL
 from .hf import quantize_int8, quiet_transformers, sequence_logits, set_pooling
 
 
@@ -116,7 +117,7 @@ RUNTIME_QUANTIZE = {"onnx": "none", "llama.cpp": "q8_0"}
 answers exactly), llama.cpp at q8_0 (what llama.cpp users serve; f32 is the exact one)."""
 
 
-def runtime_folder(folder: Path, meta: dict, runtime: str, quantize: str, home: Path, run_id: str | None) -> Path:
+def runtime_folder(folder: Path, meta: dict, runtime: str, quantize: str, run_id: str | None) -> Path:
     """The export `runtime` reads, made once beside the run's model (`RUN/exports/FORMAT-QUANT/`)
     and reused by every later bench and serve."""
     from .export import export
@@ -124,7 +125,7 @@ def runtime_folder(folder: Path, meta: dict, runtime: str, quantize: str, home: 
     fmt = RUNTIME_FORMAT[runtime]
     out = folder.parent / "exports" / f"{fmt}-{quantize}"
     if not (out / "protege.json").exists():
-        export(folder, meta, fmt, out, quantize, home=home, run_id=run_id)
+        export(folder, meta, fmt, out, quantize, run_id=run_id)
     return out
 
 
@@ -145,14 +146,14 @@ def specialist(folder: Path, meta: dict, run_id: str | None, options: dict, ctx:
         from .llamacpp import LlamaCppLM
 
         return LlamaCppLM(folder, meta, _spec(name, "llama.cpp", meta.get("quantize", "f32")), options, ctx)
-    family = "causal" if method in ("lora", "full", "distill", "grpo") else method
+    family = "causal" if method in CAUSAL else method
     runtime = options.pop("runtime", "torch")
     if family in RUNTIMES and runtime not in RUNTIMES[family]:
         raise ProtegeError(f"run:{name}: runtime {runtime!r} does not run a {method} model: choose "
                            f"{' or '.join(RUNTIMES[family])}")
     if runtime != "torch":
         quantize = options.pop("quantize", RUNTIME_QUANTIZE[runtime])
-        out = runtime_folder(folder, meta, runtime, quantize, ctx.home, name)
+        out = runtime_folder(folder, meta, runtime, quantize, name)
         return specialist(out, orjson.loads((out / "protege.json").read_bytes()), run_id, options, ctx)
     if method == "classifier":
         return TrainedClassifier(name, folder, meta, options, ctx)

@@ -46,19 +46,13 @@ def load_specialist(target: str, store, home, task_file: str | None = None, opti
     protege train or protege export. `options`: the candidate's (runtime, quantize, ...)."""
     from pathlib import Path
 
-    from ..models.base import Context
+    from ..models.base import Context, parse_spec
     from ..models.trained import specialist
 
     run, folder, meta, task = locate_specialist(target, store, task_file)
     ctx = Context(task=task, dataset=None, home=Path(home), store=store)
     run_id = meta.get("run_id") or (run or {}).get("id")
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    if options.get("runtime") == "torch":
-        options.pop("runtime")
-    if options.get("quantize") == "none" and "runtime" not in options:
-        options.pop("quantize")
-    cand = specialist(folder, meta, run_id, options, ctx)
-    runtime, _, query = cand.spec.partition("?")
-    tags = [v for k, v in (q.split("=") for q in query.split("&") if q) if k in ("runtime", "quantize") and v != "none"]
+    cand = specialist(folder, meta, run_id, {k: v for k, v in (options or {}).items() if v is not None}, ctx)
+    tags = [v for k, v in parse_spec(cand.spec)[2].items() if k in ("runtime", "quantize") and v != "none"]
     name = f"protege-{task.name}-{(run_id or folder.name)[:13]}" + "".join(f"-{t}" for t in tags)
     return name, cand.predict, task, run_id
