@@ -241,6 +241,7 @@ def grammar(labels: list[str]) -> str:
 
 
 def part_smollm2(store, task, ds, home, run_id, env, console, rows_n: int) -> dict:
+    from protege.models.llamacpp import cpu_has_amx
     from protege.tasks.prompting import specialist_messages
 
     if not LLAMA_SERVER.exists():
@@ -258,7 +259,10 @@ def part_smollm2(store, task, ds, home, run_id, env, console, rows_n: int) -> di
             lambda p: protege_serve(home, str(gguf), p, "--max-batch", "16"), ours_bodies, "/healthz"),
         "llama-server (q8_0, 8 slots, grammar)": (
             lambda p: [str(LLAMA_SERVER), "-m", str(gguf / "model.gguf"), "--host", "127.0.0.1", "--port", str(p),
-                       "-np", "8", "-c", "8192", "-t", cores, "-tb", cores, "--jinja", "--no-webui"],
+                       "-np", "8", "-c", "8192", "-t", cores, "-tb", cores, "--jinja", "--no-webui",
+                       # as protege's runtime does there: llama.cpp's AMX kernels crash under hypervisors
+                       # that advertise AMX without enabling it (models/llamacpp.py)
+                       *(["--no-repack"] if cpu_has_amx() else [])],
             peer_bodies, "/health"),
     }
     res: dict = {"run_id": run_id, "gguf": "q8_0", "rows": rows_n, "servers": {}, "accuracy": {}}

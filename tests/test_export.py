@@ -32,6 +32,7 @@ def ctx_for(store, task, ds, home):
 def test_onnx_export_answers_exactly_as_the_torch_classifier_and_int8_within_tolerance(
         sqlite_store, tmp_path, home, classifier, capsys):
     from protege.bench.run import run_bench
+    from protege.errors import ProtegeError
     from protege.models.export import check
     from protege.models.registry import build_candidate
 
@@ -54,6 +55,16 @@ def test_onnx_export_answers_exactly_as_the_torch_classifier_and_int8_within_tol
     onnx = specialist(out, meta, None, {}, ctx)
     same = check(source, onnx, rows)
     assert same["differ"] == 0 and same["max_prob_gap"] < 1e-4
+    # a lone row goes to the session computing on every core, a batch to single-threaded calls
+    # side by side, and one session alone does both: every way gives the same answers
+    batched, alone = onnx.predict(rows), [onnx.predict([r])[0] for r in rows]
+    one = specialist(out, meta, None, {"workers": "1", "lone_threads": "1"}, ctx)
+    for way in (alone, one.predict(rows)):
+        assert [p.output for p in way] == [p.output for p in batched]
+        assert max(abs(x.label_probs[k] - y.label_probs[k]) for x, y in zip(way, batched) for k in x.label_probs) < 1e-5
+    onnx.close(), one.close()
+    with pytest.raises(ProtegeError, match="workers"):
+        specialist(out, meta, None, {"workers": "0"}, ctx)
     # int8: probabilities within the stated tolerance; answers differ only on near-ties
     int8 = build_candidate(f"run:{run_id}?runtime=onnx&quantize=int8", ctx)
     a, b = source.predict(rows), int8.predict(rows)
@@ -180,6 +191,16 @@ def test_gguf_export_answers_as_the_torch_model_on_llama_cpp(sqlite_store, tmp_p
     # and it serves: the export folder itself, as a user would point protege serve at it
     name, answer = serve_once(sqlite_store, tmp_path, home, str(out), {}, task)
     assert name.endswith("-llama.cpp-f32") and answer in task.labels
+
+
+def test_spread_splits_the_largest_groups_until_every_worker_has_one():
+    from protege.models.ort import spread
+
+    assert spread([[0, 1, 2, 3, 4, 5, 6, 7]], 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert spread([[0, 1, 2], [3]], 4) == [[0], [1], [2], [3]]
+    assert spread([[0], [1, 2]], 4) == [[0], [1], [2]]  # no more rows to split: three calls
+    assert spread([[0, 1], [2, 3, 4, 5]], 2) == [[0, 1], [2, 3, 4, 5]]  # enough groups already
+    assert spread([[7]], 2) == [[7]] and spread([], 2) == []
 
 
 def test_length_groups_cover_every_row_once_within_the_padding_slack():

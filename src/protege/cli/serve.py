@@ -43,7 +43,8 @@ def serve_cmd(
                                            "onnx: none | int8; llama.cpp: f32 | f16 | q8_0 (default) | q4_k_m. Bench "
                                            "its quality first: -c 'run:ID?runtime=onnx&quantize=int8'."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads the model computes with (default: "
-                                          "every core; onnx and llama.cpp read it, torch sets its own)."),
+                                          "every core). onnx: the threads of one call (default 1), with cores / N "
+                                          "calls side by side."),
     shadow_rate: float = typer.Option(0.0, "--shadow-rate", min=0, max=1, help="Share of the specialist's answers "
                                       "also sent to the frontier in the background and compared (0: off)."),
     shadow: Optional[str] = typer.Option(None, "--shadow", help="openai:MODEL@BASE_URL to shadow against "

@@ -17,7 +17,12 @@ template) and decodes through llama.cpp's C API (llama-cpp-python's bindings):
 - other tasks: free greedy decoding until an end token or `max_new_tokens`.
 
 Options: `batch_size` (rows decoded together, default 16), `threads` (default every core),
-`ctx` (KV cells, default 8192), `max_new_tokens` (default 48), `shots`.
+`ctx` (KV cells, default 8192), `max_new_tokens` (default 48), `shots`, `repack` (1:
+llama.cpp's extra weight layouts for the CPU, its repacked and AMX kernels; 0: the plain
+ones. Default 1, except on a CPU that advertises AMX: llama.cpp's AMX kernels crash the
+process (SIGSEGV in ggml_backend_amx_mul_mat) under hypervisors that advertise AMX without
+enabling it, as the machines protege is tested on do, so there the default is 0; set 1
+where AMX truly works).
 """
 
 from __future__ import annotations
@@ -52,6 +57,18 @@ def _quiet(llama_cpp) -> None:
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU advertises Intel AMX (Linux's /proc/cpuinfo flags; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 class LlamaCppLM:
     kind = "local"
 
@@ -75,6 +92,7 @@ class LlamaCppLM:
         _quiet(llama_cpp)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = option(options, "repack", 0 if cpu_has_amx() else 1, int, spec) == 1
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise ProtegeError(f"{spec}: llama.cpp cannot load {path} (not a GGUF file llama.cpp reads)")
