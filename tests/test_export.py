@@ -177,6 +177,10 @@ def test_gguf_export_answers_as_the_torch_model_on_llama_cpp(sqlite_store, tmp_p
             assert abs(x.confidence - y.confidence) < 1e-3
         else:  # float sums in another order can only swap labels the model holds all but equal
             assert near_ties(s.label_probs, x.output, y.output, 1e-3), (x, y)
+    from protege.errors import ProtegeError
+
+    with pytest.raises(ProtegeError, match="repack=2: choose 1"):
+        specialist(out, meta, None, {"repack": "2"}, ctx)
     # quantised files are their own candidates; q8_0 moves no label probability by much
     q8 = build_candidate(f"run:{run_id}?runtime=llama.cpp", ctx)
     assert q8.spec.endswith("runtime=llama.cpp&quantize=q8_0")

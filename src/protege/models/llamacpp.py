@@ -92,7 +92,10 @@ class LlamaCppLM:
         _quiet(llama_cpp)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.use_extra_bufts = option(options, "repack", 0 if cpu_has_amx() else 1, int, spec) == 1
+        repack = option(options, "repack", 0 if cpu_has_amx() else 1, int, spec)
+        if repack not in (0, 1):
+            raise ProtegeError(f"{spec}: repack={repack}: choose 1 (llama.cpp's extra weight layouts) or 0 (the plain ones)")
+        mparams.use_extra_bufts = repack == 1
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise ProtegeError(f"{spec}: llama.cpp cannot load {path} (not a GGUF file llama.cpp reads)")
