@@ -425,3 +425,11 @@ def test_monitor_reports_the_deployment_from_the_store(sqlite_store, tmp_path, h
     assert h["frontier_cost"]["saved_usd"] == pytest.approx(per * h["answered_by"]["specialist"])
     code, out, _ = run(capsys, "--db", sqlite_store.url, "monitor", str(task.path))
     assert code == 0 and "shadow agreement:" in out and "alarm: none" in out and "gpt-4o-mini at the price" in said(out)
+    # the figures from traces a caller read already (the web page's charts' read, from before the
+    # deployment) are the figures health reads itself: the older traces are left out
+    from protege.deploy.monitor import health
+
+    earlier = list(sqlite_store.iter_traces(task=task.name))
+    assert len([t for t in earlier if t["id"] < d["id"]]) > 0
+    assert health(sqlite_store, task.name, load_prices(), traces=earlier) == health(sqlite_store, task.name,
+                                                                                   load_prices())

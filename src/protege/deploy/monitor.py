@@ -22,13 +22,17 @@ from ..traces.store import Store
 from .registry import current
 
 
-def health(store: Store, task: str, prices=None, limit: int = 1_000_000) -> dict:
-    """The figures of the active deployment of `task` (at most `limit` traces read)."""
+def health(store: Store, task: str, prices=None, limit: int = 1_000_000, traces: list[dict] | None = None) -> dict:
+    """The figures of the active deployment of `task` (at most `limit` traces read).
+
+    `traces`: the task's traces the caller has read already, oldest first, every one since
+    some moment before the deployment began; those since it began are used, none read again."""
     d = current(store, task)
     if d is None:
         raise ProtegeError(f"task {task} has no active deployment: `protege deploy TASK_FILE run:ID` makes one")
     served, shadows = [], []
-    for i, t in enumerate(store.iter_traces(task=task, after=d["id"])):
+    since = store.iter_traces(task=task, after=d["id"]) if traces is None else (t for t in traces if t["id"] > d["id"])
+    for i, t in enumerate(since):
         if i >= limit:
             break
         meta = t.get("metadata") or {}

@@ -7,6 +7,7 @@ specialist and the frontier disagree; the answer is stored as the trace's feedba
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import islice
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -90,18 +91,20 @@ class Ops:
         if not history:
             raise BadRequest(f"task {name} has never been deployed: `protege deploy TASK_FILE run:ID`")
         active = current(self.store, name)
-        h = health(self.store, name, self.prices, limit=HEALTH_LIMIT) if active else None
-        charts = self.over_time(name, history[-1]["id"])
-        return self.render("deployment.html", req, task=name, history=history, active=active, h=h, charts=charts,
-                           limit=HEALTH_LIMIT)
+        # the traces since the first deployment, read once for the charts and the active one's figures
+        # (read again for those only where the limit cut the first read short of the present)
+        rows = list(islice(self.store.iter_traces(task=name, after=history[-1]["id"]), HEALTH_LIMIT))
+        h = health(self.store, name, self.prices, limit=HEALTH_LIMIT,
+                   traces=rows if len(rows) < HEALTH_LIMIT else None) if active else None
+        return self.render("deployment.html", req, task=name, history=history, active=active, h=h,
+                           charts=self.over_time(rows), limit=HEALTH_LIMIT)
 
-    def over_time(self, task: str, since_id: str) -> list[str]:
+    @staticmethod
+    def over_time(traces: list[dict]) -> list[str]:
         """Fallback rate, shadow agreement and the specialist's mean confidence per hour (per
-        day over a span of more than three days), since the task's first deployment."""
+        day over a span of more than three days) over `traces` (a task's, oldest first)."""
         served, shadows = [], []
-        for i, t in enumerate(self.store.iter_traces(task=task, after=since_id)):
-            if i >= HEALTH_LIMIT:
-                break
+        for t in traces:
             if t["source"] == "serve":
                 served.append(t)
             elif t["source"] == "shadow":
