@@ -65,6 +65,8 @@ def test_onnx_export_answers_exactly_as_the_torch_classifier_and_int8_within_tol
     onnx.close(), one.close()
     with pytest.raises(ProtegeError, match="workers"):
         specialist(out, meta, None, {"workers": "0"}, ctx)
+    with pytest.raises(ProtegeError, match="call_tokens"):
+        specialist(out, meta, None, {"call_tokens": "-1"}, ctx)
     # int8: probabilities within the stated tolerance; answers differ only on near-ties
     int8 = build_candidate(f"run:{run_id}?runtime=onnx&quantize=int8", ctx)
     a, b = source.predict(rows), int8.predict(rows)
@@ -207,14 +209,50 @@ def test_spread_splits_the_largest_groups_until_every_worker_has_one():
     assert spread([[7]], 2) == [[7]] and spread([], 2) == []
 
 
-def test_length_groups_cover_every_row_once_within_the_padding_slack():
-    from protege.models.ort import length_groups
+def test_plan_calls_covers_every_row_once_and_keeps_the_busiest_core_short():
+    import itertools
+    import random
 
-    lengths = [5, 80, 7, 6, 40, 41, 5, 12, 13, 90, 1]
-    groups = length_groups(lengths, most=3)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for g in groups:
-        assert len(g) <= 3
-        assert max(lengths[i] for i in g) * len(g) <= 1.2 * sum(lengths[i] for i in g)
-    assert length_groups([], most=4) == []
-    assert length_groups([3, 3, 3, 3, 3], most=4) == [[0, 1, 2, 3], [4]]
+    from protege.models.ort import plan_calls
+
+    def span(plan, lengths, fixed=10.0):  # the busiest worker's estimated work
+        return max(sum(fixed + len(g) * max(lengths[i] for i in g) for g in w) for w in plan)
+
+    def check(lengths, workers, most):
+        plan = plan_calls(lengths, workers, most)
+        assert sorted(i for w in plan for g in w for i in g) == list(range(len(lengths)))
+        assert len(plan) <= workers and all(w and all(0 < len(g) <= most for g in w) for w in plan)
+        return plan
+
+    # a batch of a few rows: one call a core, cut in length order where the costlier call is cheapest
+    lengths = [13, 8, 22, 7, 12, 9, 15, 10]
+    plan = check(lengths, 2, 64)
+    ranked = sorted(range(8), key=lengths.__getitem__)
+    best = min(span([[ranked[:k]], [ranked[k:]]], lengths) for k in range(1, 8))
+    assert [len(w) for w in plan] == [1, 1] and span(plan, lengths) == best
+    # a long row among short ones goes alone rather than pad the others to its length
+    lengths = [10] * 7 + [120]
+    assert sorted(check(lengths, 2, 64)) == [[[0, 1, 2, 3, 4, 5, 6]], [[7]]]
+    # a large batch: groups of similar length (no group pads more than a call costs), dealt so
+    # that the busiest worker has at most one group more than the least busy one
+    random.seed(7)
+    lengths = [random.randint(5, 60) for _ in range(500)]
+    plan = check(lengths, 2, 64)
+    loads = sorted(sum(10 + len(g) * max(lengths[i] for i in g) for g in w) for w in plan)
+    biggest = max(10 + len(g) * max(lengths[i] for i in g) for w in plan for g in w)
+    assert loads[-1] - loads[0] <= biggest
+    for w in plan:
+        for g in w:
+            pad = sum(max(lengths[i] for i in g) - lengths[i] for i in g)
+            assert pad <= 10 * len(g)
+    # the plan is never worse than any split of a small batch into contiguous runs, one call a run
+    for _ in range(50):
+        lengths = [random.randint(3, 40) for _ in range(random.randint(2, 7))]
+        plan = check(lengths, 2, 4)
+        ranked = sorted(range(len(lengths)), key=lengths.__getitem__)
+        for cuts in itertools.combinations(range(1, len(lengths)), 1):
+            runs = [ranked[a:b] for a, b in zip((0, *cuts), (*cuts, len(lengths)))]
+            if all(len(r) <= 4 for r in runs):
+                assert span(plan, lengths) <= span([[r] for r in runs], lengths) + 1e-9
+    assert plan_calls([], 2, 4) == [] and plan_calls([9], 2, 4) == [[[0]]]
+    assert plan_calls([3, 4, 5], 1, 64) == [[[0, 1, 2]]]

@@ -4,21 +4,26 @@ Reached as `run:RUN_ID?runtime=onnx[&quantize=int8]` (the export is made once, b
 run's model, and reused) or as an export folder itself (`protege serve FOLDER`). It answers
 as the torch classifier does: the most probable label, a probability for every label.
 
-Rows go to ONNX Runtime in groups of similar length (`length_groups`), so little compute
-goes to padding, and the groups of a call run side by side, one single-threaded ONNX
-Runtime call a core (`spread`): on a small encoder one thread a call does more work a core
-than one call spread over every core (measured in docs/serving.md). A call of one group
-(a lone request) goes instead to a second session computing on every core, whose threads
-spin while it runs and sleep once it returns, leaving the cores to the server.
+Rows go to ONNX Runtime in calls of similar length, planned per batch (`plan_calls`), and
+the calls run side by side, single-threaded ONNX Runtime calls a core: on a small encoder one
+thread a call does more work a core than one call spread over every core (measured in
+docs/serving.md). A call costs its padded tokens plus a fixed part, the model's weights read
+again (about 10 tokens' worth on MiniLM, fp32 and int8 alike, measured here): so a batch of a
+few rows goes as one call a core, split where the longest call is shortest, and a large one in
+groups of similar length dealt out to the cores. A batch that makes one call (a lone request)
+goes instead to a second session computing on every core, whose threads spin while it runs and
+sleep once it returns, leaving the cores to the server.
 
-Options: `batch_size` (most rows a group, default 64), `threads` (ONNX Runtime's threads a
-call of many, default 1), `workers` (such calls at once, default the cores over `threads`),
-`lone_threads` (threads for a call of one group, default every core; 1: no second session,
-which costs the model's weights again in memory).
+Options: `batch_size` (most rows a call, default 64), `threads` (ONNX Runtime's threads a call
+of many, default 1), `workers` (such calls at once, default the cores over `threads`),
+`lone_threads` (threads for a batch of one call, default every core; 1: no second session,
+which costs the model's weights again in memory), `call_tokens` (the fixed part of a call, in
+tokens, default 10).
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,6 +59,9 @@ class OnnxClassifier:
         self.labels = meta["labels"]
         self.max_length = meta.get("max_length", 128)
         self.batch_size = option(options, "batch_size", 64, int, spec)
+        self.call_tokens = option(options, "call_tokens", 10.0, float, spec)
+        if self.batch_size < 1 or self.call_tokens < 0:
+            raise ProtegeError(f"{spec}: batch_size must be at least 1 and call_tokens at least 0")
         tokenizer = AutoTokenizer.from_pretrained(folder)
         self.pad_id = tokenizer.pad_token_id or 0
         # the Rust tokenizer itself, its truncation set once: it is then only read, so calls
@@ -67,12 +75,13 @@ class OnnxClassifier:
 
     def predict(self, rows, progress=None):
         enc = [e.ids for e in self.tokenizer.encode_batch([r["input"] for r in rows])]
-        groups = spread(length_groups([len(ids) for ids in enc], self.batch_size), self.workers)
-        calls = [[(i, enc[i]) for i in g] for g in groups]
-        if len(calls) == 1:
-            done = [self._run(calls[0], self.lone)]
+        plan = plan_calls([len(ids) for ids in enc], self.workers, self.batch_size, self.call_tokens)
+        calls = [[[(i, enc[i]) for i in g] for g in worker] for worker in plan]
+        if len(calls) == 1 and len(calls[0]) == 1:
+            done = [self._run(calls[0][0], self.lone)]
         else:
-            done = map(self._run, calls) if self.pool is None else self.pool.map(self._run, calls)
+            done = (answered for worker in (map(self._run_all, calls) if self.pool is None else
+                                            self.pool.map(self._run_all, calls)) for answered in worker)
         out = [None] * len(rows)
         for answered in done:
             for i, pred in answered:
@@ -80,6 +89,10 @@ class OnnxClassifier:
             if progress:
                 progress(len(answered))
         return out
+
+    def _run_all(self, calls: list) -> list[list[tuple[int, object]]]:
+        """One worker's calls, one after another."""
+        return [self._run(group) for group in calls]
 
     def _run(self, group: list[tuple[int, list[int]]], session=None) -> list[tuple[int, object]]:
         """One ONNX Runtime call on rows of similar length: (row index, prediction) each."""
@@ -116,23 +129,71 @@ def _session(ort, model: Path, threads: int, spec: str):
         raise ProtegeError(f"{spec}: ONNX Runtime cannot load {model}: {exc}") from None
 
 
-def length_groups(lengths: list[int], most: int, slack: float = 1.2) -> list[list[int]]:
-    """Row indices in groups of similar length, at most `most` a group: every row of a group is
-    padded to its longest, and a group takes the next row only while the padded tokens stay
-    within `slack` times the real ones. The encoder's cost grows with the tokens it is given;
-    one call per group costs little next to computing padding."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    groups: list[list[int]] = []
-    real = 0
-    for i in order:
-        g = groups[-1] if groups else None
-        if g is not None and len(g) < most and lengths[i] * (len(g) + 1) <= slack * (real + lengths[i]):
-            g.append(i)
-            real += lengths[i]
-        else:
-            groups.append([i])
-            real = lengths[i]
-    return groups
+def plan_calls(lengths: list[int], workers: int, most: int, call_tokens: float = 10.0) -> list[list[list[int]]]:
+    """The ONNX Runtime calls for rows of these token lengths: per worker, its calls (row
+    indices, at most `most` a call), which it runs one after another, the workers side by
+    side. A call of n rows padded to width w costs about `call_tokens` + n * w; of two plans,
+    the one whose busiest worker is done first:
+    - groups of similar length with the least cost in all (padding against calls), split
+      until every worker has one (`spread`), dealt costliest first to the least busy worker;
+    - for a batch of a few rows: one call a worker, the rows cut in length order where the
+      costliest call is cheapest."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lengths.__getitem__)
+    width = [lengths[i] for i in order]  # by position in length order: a group's last row is its widest
+
+    def cost(g: list[int]) -> float:
+        return call_tokens + len(g) * width[g[-1]]
+
+    least, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)  # least cost of the first j rows, and its last cut
+    for j in range(1, n + 1):
+        for i in range(max(0, j - most), j):
+            c = least[i] + call_tokens + (j - i) * width[j - 1]
+            if c < least[j]:
+                least[j], cut[j] = c, i
+    bounds, j = [], n
+    while j:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    plans = [_deal(spread([list(range(i, j)) for i, j in reversed(bounds)], workers), workers, cost)]
+    if 1 < workers < n <= min(64, workers * most):
+        plans.append(_one_call_a_worker(width, workers, most, call_tokens))
+    chosen = min(plans, key=lambda p: (max(sum(map(cost, w)) for w in p), sum(map(len, p))))
+    return [[[order[k] for k in g] for g in w] for w in chosen]
+
+
+def _deal(groups: list[list[int]], workers: int, cost) -> list[list[list[int]]]:
+    """Groups dealt costliest first, each to the worker with the least work so far."""
+    loads = [(0.0, k) for k in range(workers)]
+    out: list[list[list[int]]] = [[] for _ in range(workers)]
+    for g in sorted(groups, key=cost, reverse=True):
+        load, k = heapq.heappop(loads)
+        out[k].append(g)
+        heapq.heappush(loads, (load + cost(g), k))
+    return [w for w in out if w]
+
+
+def _one_call_a_worker(width: list[int], workers: int, most: int, call_tokens: float) -> list[list[list[int]]]:
+    """Positions 0..n-1 (in length order) cut into `workers` runs of at most `most`, one call
+    each, where the costliest call is cheapest."""
+    n, inf = len(width), float("inf")
+    # worst[k][j]: the least cost of the costliest call when the first j rows make k calls
+    worst = [[inf] * (n + 1) for _ in range(workers + 1)]
+    cut = [[0] * (n + 1) for _ in range(workers + 1)]
+    worst[0][0] = 0.0
+    for k in range(1, workers + 1):
+        for j in range(k, n + 1):
+            for i in range(max(k - 1, j - most), j):
+                c = max(worst[k - 1][i], call_tokens + (j - i) * width[j - 1])
+                if c < worst[k][j]:
+                    worst[k][j], cut[k][j] = c, i
+    runs, j = [], n
+    for k in range(workers, 0, -1):
+        runs.append([list(range(cut[k][j], j))])
+        j = cut[k][j]
+    return runs[::-1]
 
 
 def spread(groups: list[list[int]], workers: int) -> list[list[int]]:
