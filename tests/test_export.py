@@ -179,6 +179,13 @@ def test_gguf_export_answers_as_the_torch_model_on_llama_cpp(sqlite_store, tmp_p
             assert abs(x.confidence - y.confidence) < 1e-3
         else:  # float sums in another order can only swap labels the model holds all but equal
             assert near_ties(s.label_probs, x.output, y.output, 1e-3), (x, y)
+    # asked from another thread (protege serve's model thread), llama.cpp computes on the model's
+    # own thread all the same: the same answers
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as other:
+        again = other.submit(gguf.predict, rows).result()
+    assert [(p.output, p.confidence) for p in again] == [(p.output, p.confidence) for p in b]
     from protege.errors import ProtegeError
 
     with pytest.raises(ProtegeError, match="repack=2: choose 1"):
