@@ -7,8 +7,8 @@ specialist and the frontier disagree; the answer is stored as the trace's feedba
 from __future__ import annotations
 
 from collections import defaultdict
-from itertools import islice
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 
 from ..datasets.build import example_from_trace
