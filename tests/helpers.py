@@ -152,3 +152,8 @@ class ServerThread:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def said(text: str) -> str:
+    """What a report says, its lines as the console wrapped them joined again."""
+    return " ".join(text.split())

@@ -9,14 +9,10 @@ import threading
 
 import httpx
 import pytest
-from helpers import ServerThread, make_banking, run, wait_for
+from helpers import ServerThread, make_banking, run, said, wait_for
 
 from protege.deploy.registry import activate, current, get_deployment, list_deployments, rollback
 from protege.errors import ProtegeError
-
-
-def said(text: str) -> str:
-    return " ".join(text.split())
 
 
 def train_pair(store, tmp_path, home, tiny_bert):

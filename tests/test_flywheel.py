@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import json
 
-from helpers import EXAMPLES, make_banking, run, six_intent_task, take
+from helpers import EXAMPLES, make_banking, run, said, six_intent_task, take
 
 from protege.datasets.registry import get_dataset, list_datasets
 from protege.deploy.flywheel import retrain, turn_lock
 from protege.deploy.registry import current
 from protege.traces.record import TraceRecord
-
-
-def said(text: str) -> str:
-    return " ".join(text.split())
 
 
 def served(text: str, answer: str, *, by: str = "fallback", source: str = "serve", task: str = "bank6",

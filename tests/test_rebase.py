@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import json
 
-from helpers import make_banking, run
+from helpers import make_banking, run, said
 
 from protege.datasets.registry import get_dataset
-
-
-def said(text: str) -> str:
-    return " ".join(text.split())
 
 
 def trained(store, task, ds, home, base, epochs="2"):

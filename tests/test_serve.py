@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import ServerThread, free_port, run, trained_on_banking
+from helpers import ServerThread, free_port, run, said, trained_on_banking
 
 from protege.testing import ScriptedUpstream
 
@@ -183,25 +183,37 @@ def test_serve_command_runs_and_stops_cleanly(sqlite_store, tmp_path, home, trai
     assert code == 1 and "--fallback and --threshold go together" in err
     code, _, err = run(capsys, "--db", sqlite_store.url, "serve", "run:0000abcd")
     assert code == 1 and "does not exist" in err
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "protege", "--db", sqlite_store.url, "serve", f"run:{run_id}",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ})
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat("card still not here"))
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] in task.labels
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-2000:]
-    assert f"on http://127.0.0.1:{port}/v1" in err
+
+    def serve(*flags: str) -> tuple[str, str]:
+        """Start `protege serve` as a user does, answer one request, stop it: (its report, /metrics)."""
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "protege", "--db", sqlite_store.url, "serve", f"run:{run_id}",
+                                 "--port", str(port), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ})
+        try:
+            for _ in range(1200):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert proc.poll() is None, proc.communicate()[1][-2000:]
+                    time.sleep(0.1)
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat("card still not here"), timeout=30)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] in task.labels
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        assert f"on http://127.0.0.1:{port}/v1" in err
+        return err, metrics
+
+    serve()
     assert [t["source"] for t in sqlite_store.list_traces(source="serve")] == ["serve"]
+    # with the drift watch (its guard runs beside the server) and a cascade: the report names the route
+    err, metrics = serve("--drift", "--fallback", "openai:m@http://127.0.0.1:9", "--threshold", "0")
+    assert "below 0.0 → m" in said(err) and "no deployment yet" not in said(err)
+    assert "protege_serve_drift_window" in metrics
 
 
 def test_serves_a_causal_lm_specialist(sqlite_store, tmp_path, home, tiny_llama):  # noqa: F811

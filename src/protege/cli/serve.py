@@ -132,9 +132,10 @@ def serve_cmd(
                    max_body_bytes=max_body_kb * 1024, max_batch=max_batch, run_id=run_id,
                    batch_wait_s=batch_wait_ms / 1000, deployment=deployment["id"] if deployment else None,
                    background=background, shadow=shadowing, drift=watch, alarm=own_alarm)
-    route = f", below {threshold} → {fb.model}" if fb and (deployment or not background) else ""
+    follows = target is None  # the task's deployment, followed (a Follower runs beside the server)
+    route = f", below {threshold} → {fb.model}" if fb and (deployment or not follows) else ""
     following = f"  (deployment {deployment['id'][:13]}, followed every {poll_s:g} s)" if deployment else (
-        f"  (no deployment yet: {fb.model} answers everything; followed every {poll_s:g} s)" if background else "")
+        f"  (no deployment yet: {fb.model} answers everything; followed every {poll_s:g} s)" if follows and fb else "")
     if shadowing is not None:
         following += f"  (shadow: {shadow_rate:.0%} → {shadowing.frontier.model})"
     err.print(f"protege serve: {name} on http://{host}:{port}/v1{route}{following}"
