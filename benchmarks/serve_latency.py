@@ -211,7 +211,8 @@ async def load(url: str, bodies: list[dict], concurrency: int, n: int) -> dict:
     answers = [json.loads(d)["choices"][0]["message"]["content"].strip() if d is not None else None for d in raw]
     p50, p95 = np.percentile(latencies, [50, 95])
     return {"concurrency": concurrency, "requests": n, "errors": errors, "p50_ms": float(p50), "p95_ms": float(p95),
-            "throughput_rps": n / wall, "client_cpu_us_per_request": client_cpu / n * 1e6, "answers": answers}
+            "throughput_rps": n / wall, "client_cpu_us_per_request": client_cpu / n * 1e6, "answers": answers,
+            "latencies": latencies}
 
 
 def drive(url: str, bodies: list[dict], concurrency: int, n: int) -> dict:
@@ -242,6 +243,11 @@ def measure(name: str, cmd: list[str], port: int, env: dict, bodies: list[dict],
     finally:
         stop(proc)
     return rows
+
+
+def kept(r: dict) -> dict:
+    """A run's figures for the results file: without its answers and every request's latency."""
+    return {k: v for k, v in r.items() if k not in ("answers", "latencies")}
 
 
 def at(rows: list[dict], c: int) -> dict:
@@ -284,7 +290,7 @@ def part_minilm(store, task, ds, home, run_id, env, console, repeats: int) -> di
     for name, cmd in servers.items():
         port = free_port()
         rows = measure(name, cmd(port), port, env, bodies, plan, console, repeats)
-        res["servers"][name] = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
+        res["servers"][name] = [kept(r) for r in rows]
     # what each runtime answers on the whole test split, measured as bench candidates
     specs = [f"run:{run_id}", f"run:{run_id}?runtime=onnx", f"run:{run_id}?runtime=onnx&quantize=int8"]
     report = run_bench(store, task, ds, home, specs, latency_samples=1)
@@ -346,7 +352,7 @@ def part_smollm2(store, task, ds, home, run_id, env, console, rows_n: int, repea
         got = measure(name, cmd(port), port, env, bodies, plan, console, repeats, health)
         answers = at(got, 8)["answers"]
         res["accuracy"][name] = float(np.mean([a == ref for a, ref in zip(answers, refs)]))
-        res["servers"][name] = [{k: v for k, v in r.items() if k != "answers"} for r in got]
+        res["servers"][name] = [kept(r) for r in got]
         res.setdefault("answers", {})[name] = answers
         console.print(f"{name}: accuracy {res['accuracy'][name]:.4f} on {rows_n} test rows")
     a, b = res["answers"].values()

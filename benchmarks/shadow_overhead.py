@@ -14,14 +14,17 @@ reference built from the dataset's training inputs; knn:minilm answering) is fed
 reviewed GPT-4 calls, shuffled (in distribution: the same intents, never trained on), tested
 every 10 requests over a 500-request window; the false alarms are the tests that alarmed.
 Then, after 1,000 of those, the stream switches to CANARD's 703 Wikipedia questions: the
-count of requests after the switch until the input alarm fires. Writes
-benchmarks/results/shadow_overhead.json (one section per part).
+count of requests after the switch until the input alarm fires.
+
+Drift's cost (`--part drift-cost`): the same classifier served on torch without and with
+`--drift` (every answered input embedded by MiniLM beside the model), rounds alternating,
+p50 and p99 at concurrency 1 and --concurrency. Writes benchmarks/results/shadow_overhead.json
+(one section per part).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -32,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from _common import machine_info, prepare, table, write_result
 from rich.console import Console
-from serve_latency import free_port, load, start, stop
+from serve_latency import drive, free_port, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples" / "banking77"
@@ -54,6 +57,47 @@ def shadow_counts(port: int) -> dict:
         if line.startswith("protege_serve_shadow_requests_total"):
             out[line.split('outcome="')[1].split('"')[0]] = int(float(line.rsplit(" ", 1)[1]))
     return out
+
+
+def drift_cost_part(home, run_id: str, bodies: list[dict], env: dict, args, console) -> dict:
+    """Latency of the served specialist without and with the drift watch beside it."""
+    samples: dict[tuple, list[float]] = {}
+    skipped = 0
+    for round_ in range(args.rounds):
+        for drift in ((False, True) if round_ % 2 == 0 else (True, False)):
+            port = free_port()
+            proc = start([sys.executable, "-m", "protege", "--home", str(home), "serve", f"run:{run_id}", "--port",
+                          str(port), "--no-traces", *(["--drift"] if drift else [])], port, env)
+            try:
+                for c in (1, args.concurrency):
+                    r = drive(f"http://127.0.0.1:{port}/v1/chat/completions", bodies, c, args.requests // 2)
+                    samples.setdefault((drift, c), []).extend(r["latencies"])
+                    console.print(f"round {round_ + 1} drift {'on ' if drift else 'off'} c={c}: "
+                                  f"p50 {r['p50_ms']:6.2f} ms  {r['throughput_rps']:6.1f} req/s")
+                    time.sleep(2)  # the drift queue drains between the loads
+                if drift:
+                    skipped += drift_skipped(port)
+            finally:
+                stop(proc)
+    out: dict = {}
+    for (drift, c), lat in sorted(samples.items()):
+        p50, p99 = np.percentile(lat, [50, 99])
+        out[f"{'on' if drift else 'off'}_c{c}"] = {"requests": len(lat), "p50_ms": float(p50), "p99_ms": float(p99)}
+    console.print(table("protege serve (torch MiniLM) with and without --drift", ["", "requests", "p50 ms", "p99 ms"],
+                        [[k, v["requests"], f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}"] for k, v in out.items()]))
+    for c in (1, args.concurrency):
+        out[f"p50_ratio_c{c}"] = out[f"on_c{c}"]["p50_ms"] / out[f"off_c{c}"]["p50_ms"]
+    out["drift_inputs_skipped"] = skipped  # inputs the watch let go for want of time (its queue full)
+    console.print(f"inputs the drift watch skipped: {skipped}")
+    return out
+
+
+def drift_skipped(port: int) -> int:
+    import httpx
+
+    line = next(x for x in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines()
+                if x.startswith("protege_serve_drift_skipped_total"))
+    return int(float(line.rsplit(" ", 1)[1]))
 
 
 def drift_part(ds, task, home, console) -> dict:
@@ -110,7 +154,8 @@ def drift_part(ds, task, home, console) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["latency", "drift", "all"], default="all")
+    parser.add_argument("--part", choices=["latency", "drift", "drift-cost", "all"], default="all")
+    parser.add_argument("--run", default=None, help="a trained classifier run to serve (default: train one)")
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
@@ -132,10 +177,16 @@ def main() -> None:
         data.update(machine_drift=info)
         console.print(f"wrote {write_result('shadow_overhead', data)}")
         return
-    run_id = train(store, task, ds, home, "minilm", "classifier",
-                   load_recipe("classifier", ROOT / "recipes" / "classifier.yaml"), time_budget_min=1, console=console)
-    texts = [r["input"] for r in ds.split("test")[::5]]
+    run_id = args.run or train(store, task, ds, home, "minilm", "classifier",
+                               load_recipe("classifier", ROOT / "recipes" / "classifier.yaml"), time_budget_min=1,
+                               console=console)
+    bodies = [{"model": "x", "messages": [{"role": "user", "content": r["input"]}]} for r in ds.split("test")[::5]]
     env = {**os.environ, "PROTEGE_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}
+    if args.part in ("drift-cost", "all"):
+        data["drift_cost"] = {**drift_cost_part(home, run_id, bodies, env, args, console), "machine": info}
+    if args.part == "drift-cost":
+        console.print(f"wrote {write_result('shadow_overhead', data)}")
+        return
     fport = free_port()
     frontier = subprocess.Popen([sys.executable, "-c", FRONTIER, str(fport)], env=env)
     time.sleep(2)
@@ -153,8 +204,7 @@ def main() -> None:
                             "--shadow-floor", str(rate), "--shadow-ceiling", str(rate)]
                 proc = start(cmd, port, env)
                 try:
-                    r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/chat/completions", texts, args.concurrency,
-                                         args.requests))
+                    r = drive(f"http://127.0.0.1:{port}/v1/chat/completions", bodies, args.concurrency, args.requests)
                     time.sleep(0.5)  # the last shadow calls land
                     counts = shadow_counts(port)
                 finally:

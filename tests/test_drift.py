@@ -115,6 +115,20 @@ def test_served_requests_feed_the_drift_watch_and_metrics(sqlite_store, tmp_path
         metrics = httpx.get(f"{server.url}/metrics").text
     assert f"protege_serve_drift_window {len(texts)}" in metrics
     assert "protege_serve_drift_input_p_value " in metrics and list(watch.labels)[0] in task.labels
+    # the watch embeds on one core, apart from the model's threads: the same distances as the
+    # encoder computes on every core, and torch's thread count as it was for threads to come
+    import threading
+
+    import numpy as np
+    import torch
+
+    direct = 1 - (encoder(texts) @ ref.train_emb.T).max(1)
+    assert np.allclose(sorted(watch.distances), sorted(direct), atol=1e-5)
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start(), t.join()
+    assert seen == [torch.get_num_threads()]
+    watch.close()
 
 
 def test_drift_follows_the_serving_run_and_raises_the_shadow_rate(sqlite_store, tmp_path, home, tiny_bert):

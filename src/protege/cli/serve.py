@@ -150,13 +150,13 @@ def _drift_watch(store, home, task, run_id, predict, encoder_name: str, threshol
     """The drift watch of the run being served, its reference built from the run's dataset."""
     from ..models.base import Context
     from ..models.knn import Encoder
-    from ..serve.drift import DriftWatch, reference_for_run
+    from ..serve.drift import DriftWatch, apart, reference_for_run
 
     if run_id is None:
         raise ProtegeError("--drift needs a trained run (run:ID or --task): a bare model folder names no training data")
     encoder = Encoder(encoder_name, Context(task=task, dataset=None, home=home))
     err.print(f"protege serve: building the drift reference from run {run_id}'s dataset ...")
-    ref, ds_id = reference_for_run(store, run_id, task, encoder, predict)
+    ref, ds_id = apart(reference_for_run, store, run_id, task, encoder, predict)
     return DriftWatch(ref, encoder, threshold=threshold, dataset_id=ds_id)
 
 

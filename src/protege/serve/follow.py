@@ -22,6 +22,7 @@ from ..deploy.registry import DeploymentRecord, current
 from ..errors import ProtegeError
 from ..models.base import Prediction
 from .app import ServeApp, Served
+from .drift import apart
 from .fallback import Fallback
 from .specialist import load_specialist
 
@@ -102,7 +103,8 @@ class Follower:
         if (self.deployment is not None and d["id"] == self.deployment["id"]) or d["id"] in self.refused:
             return
         try:
-            served = await loop.run_in_executor(None, served_for, d, self.store, self.home, self.task_file,
+            # apart: loading may compute (an export's trace), and no OpenMP threads may stay behind
+            served = await loop.run_in_executor(None, apart, served_for, d, self.store, self.home, self.task_file,
                                                 self.options)
         except Exception as exc:
             self.refused.add(d["id"])
@@ -114,7 +116,7 @@ class Follower:
                     d["run_id"], self.serving)
         self.deployment = d
         if app.drift is not None:
-            await loop.run_in_executor(None, self.rebase_drift, app.drift, served)
+            await loop.run_in_executor(None, apart, self.rebase_drift, app.drift, served)
 
     def rebase_drift(self, watch, served: Served) -> None:
         """The drift reference follows the serving run's training data."""
