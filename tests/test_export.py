@@ -57,7 +57,9 @@ def test_onnx_export_answers_exactly_as_the_torch_classifier_and_int8_within_tol
     assert same["differ"] == 0 and same["max_prob_gap"] < 1e-4
     # a lone row goes to the session computing on every core, a batch to single-threaded calls
     # side by side, and one session alone does both: every way gives the same answers
-    batched, alone = onnx.predict(rows), [onnx.predict([r])[0] for r in rows]
+    ticks: list[int] = []
+    batched, alone = onnx.predict(rows, progress=ticks.append), [onnx.predict([r])[0] for r in rows]
+    assert sum(ticks) == len(rows) and len(ticks) > 1  # a bench's bar moves call by call
     one = specialist(out, meta, None, {"workers": "1", "lone_threads": "1"}, ctx)
     for way in (alone, one.predict(rows)):
         assert [p.output for p in way] == [p.output for p in batched]

@@ -74,25 +74,34 @@ class OnnxClassifier:
             raise ProtegeError(f"{spec} was trained on other labels than task {ctx.task.name} has")
 
     def predict(self, rows, progress=None):
+        """`progress(n)` is called as each call's n rows are answered, from the worker's thread."""
         enc = [e.ids for e in self.tokenizer.encode_batch([r["input"] for r in rows])]
         plan = plan_calls([len(ids) for ids in enc], self.workers, self.batch_size, self.call_tokens)
         calls = [[[(i, enc[i]) for i in g] for g in worker] for worker in plan]
         if len(calls) == 1 and len(calls[0]) == 1:
-            done = [self._run(calls[0][0], self.lone)]
-        else:
-            done = (answered for worker in (map(self._run_all, calls) if self.pool is None else
-                                            self.pool.map(self._run_all, calls)) for answered in worker)
-        out = [None] * len(rows)
-        for answered in done:
-            for i, pred in answered:
-                out[i] = pred
+            done = [[self._run(calls[0][0], self.lone)]]
             if progress:
-                progress(len(answered))
+                progress(len(calls[0][0]))
+        else:
+            def work(worker: list) -> list:
+                return self._run_all(worker, progress)
+
+            done = list(map(work, calls) if self.pool is None else self.pool.map(work, calls))
+        out = [None] * len(rows)
+        for worker in done:
+            for answered in worker:
+                for i, pred in answered:
+                    out[i] = pred
         return out
 
-    def _run_all(self, calls: list) -> list[list[tuple[int, object]]]:
+    def _run_all(self, calls: list, progress=None) -> list[list[tuple[int, object]]]:
         """One worker's calls, one after another."""
-        return [self._run(group) for group in calls]
+        done = []
+        for group in calls:
+            done.append(self._run(group))
+            if progress:
+                progress(len(group))
+        return done
 
     def _run(self, group: list[tuple[int, list[int]]], session=None) -> list[tuple[int, object]]:
         """One ONNX Runtime call on rows of similar length: (row index, prediction) each."""
