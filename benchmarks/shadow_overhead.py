@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--home", default=None)
     args = parser.parse_args()
     console = Console()
-    info = machine_info(["protege", "torch", "aiohttp", "uvicorn"])
+    info = machine_info(["protege", "torch", "uvloop", "uvicorn"])
     from protege.train.api import train
     from protege.train.recipe import load_recipe
 

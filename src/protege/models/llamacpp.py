@@ -127,7 +127,6 @@ class LlamaCppLM:
         self.cctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.cctx:
             llama_cpp.llama_model_free(self.model)
-            self.cctx = None
             raise ProtegeError(f"{spec}: llama.cpp could not make a context of {n_ctx} cells for {path}")
         self.n_ctx, self.n_batch = n_ctx, cparams.n_batch
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +80,9 @@ class OnnxClassifier:
         plan = plan_calls([len(ids) for ids in enc], self.workers, self.batch_size, self.call_tokens)
         calls = [[[(i, enc[i]) for i in g] for g in worker] for worker in plan]
         if len(calls) == 1 and len(calls[0]) == 1:
-            done = [[self._run(calls[0][0], self.lone)]]
-            if progress:
-                progress(len(calls[0][0]))
+            done = [self._run_all(calls[0], progress, self.lone)]
         else:
-            def work(worker: list) -> list:
-                return self._run_all(worker, progress)
-
+            work = partial(self._run_all, progress=progress)
             done = list(map(work, calls) if self.pool is None else self.pool.map(work, calls))
         out = [None] * len(rows)
         for worker in done:
@@ -94,11 +91,11 @@ class OnnxClassifier:
                     out[i] = pred
         return out
 
-    def _run_all(self, calls: list, progress=None) -> list[list[tuple[int, object]]]:
+    def _run_all(self, calls: list, progress=None, session=None) -> list[list[tuple[int, object]]]:
         """One worker's calls, one after another."""
         done = []
         for group in calls:
-            done.append(self._run(group))
+            done.append(self._run(group, session))
             if progress:
                 progress(len(group))
         return done

@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -74,21 +75,8 @@ def apart(fn, *args):
     torch MiniLM specialist at concurrency 1, p50: 12.1 ms alone, 34.3 ms beside a drift watch
     computing on every core from a thread that stayed, 11.4 ms with its batches computed apart,
     on one core, at the lowest priority)."""
-    out: list = []
-
-    def call():
-        try:
-            out.append((True, fn(*args)))
-        except BaseException as exc:  # handed to the caller, as a plain call would
-            out.append((False, exc))
-
-    t = threading.Thread(target=call, name="protege-compute-apart")
-    t.start()
-    t.join()
-    ok, value = out[0]
-    if not ok:
-        raise value
-    return value
+    with ThreadPoolExecutor(1, thread_name_prefix="protege-compute-apart") as one:  # its thread ends on exit
+        return one.submit(fn, *args).result()
 
 
 def reference_for_run(store, run_id: str, task, encoder, predict) -> tuple[Reference, str]:
